@@ -1,0 +1,209 @@
+"""``fastrnn.RNN``, ``fastrnn.LSTM`` and ``fastrnn.GRU``: drop-in replacements for torch.nn's.
+
+They subclass ``torch.nn.RNNBase`` exactly as torch.nn's own classes do (not ``torch.nn.LSTM``
+itself: torch.compile refuses any instance of torch.nn.RNN/GRU/LSTM with a graph break), and
+inherit its constructor, parameters, initialisation, repr and state_dict. Only ``forward`` is
+fastrnn's: it normalises the input exactly as torch.nn does (same checks, same messages), runs
+the layer stack of ``fastrnn.functional`` on the Triton kernels, and returns the outputs in the
+caller's layout. Under ``FASTRNN_BACKEND=torch`` (or on CPU without the Triton interpreter) it
+runs torch.nn's own forward instead; see ``fastrnn.backend``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from . import _modes, functional
+from .backend import get_backend, use_kernels
+
+_TORCH_FORWARD = {
+    "RNN_TANH": nn.RNN.forward,
+    "RNN_RELU": nn.RNN.forward,
+    "LSTM": nn.LSTM.forward,
+    "GRU": nn.GRU.forward,
+}
+
+_DTYPE_NAMES = {torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float",
+                torch.float64: "Double"}
+
+
+def _scalar_type(dtype: torch.dtype) -> str:
+    """A dtype as ATen's messages print it (Float, Double, Half, ...)."""
+    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+class _RNNBase(nn.RNNBase):
+    """What fastrnn's RNN, LSTM and GRU share: the forward pass."""
+
+    def flatten_parameters(self) -> None:
+        """A no-op for the Triton kernels, which read the weights where they are. Under
+        ``FASTRNN_BACKEND=torch`` it is torch.nn's (it packs the weights for cuDNN)."""
+        if get_backend() == "torch":
+            super().flatten_parameters()
+
+    def _check_attributes(self, input, hiddens, weights) -> None:
+        # What ATen's RNN ops check (RNN.h, check_attributes), with ATen's messages.
+        autocast = torch.is_autocast_enabled(input.device.type)
+        for name, tensors in (("hidden", hiddens), ("parameter", weights)):
+            for t in tensors:
+                if t.device != input.device:
+                    raise RuntimeError(
+                        f"Input and {name} tensors are not at the same device, found input "
+                        f"tensor at {input.device} and {name} tensor at {t.device}")
+                if t.dtype != input.dtype and not autocast:
+                    raise RuntimeError(
+                        f"Input and {name} tensors are not the same dtype, found input tensor "
+                        f"with {_scalar_type(input.dtype)} and {name} tensor with "
+                        f"{_scalar_type(t.dtype)}")
+
+    def forward(self, input, hx=None):  # noqa: C901 - mirrors torch.nn's three forwards
+        data = input.data if isinstance(input, PackedSequence) else input
+        if not use_kernels(data.device):
+            return _TORCH_FORWARD[self.mode](self, input, hx)
+        self._update_flat_weights()
+        is_lstm = self.mode == "LSTM"
+        num_directions = 2 if self.bidirectional else 1
+        real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        orig_input = input
+
+        def zeros(size):
+            return torch.zeros(self.num_layers * num_directions, max_batch_size, size,
+                               dtype=input.dtype, device=input.device)
+
+        if isinstance(orig_input, PackedSequence):
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+            max_batch_size = int(batch_sizes[0])
+            if hx is None:
+                hx = (zeros(real_hidden_size), zeros(self.hidden_size)) if is_lstm else zeros(
+                    self.hidden_size)
+            else:
+                hx = self.permute_hidden(hx, sorted_indices)
+            is_batched = True
+        else:
+            batch_sizes = sorted_indices = unsorted_indices = None
+            if input.dim() not in (2, 3):
+                name = "RNN" if self.mode.startswith("RNN") else self.mode
+                tensor = " tensor" if name == "RNN" else ""
+                raise ValueError(
+                    f"{name}: Expected input to be 2D or 3D, got {input.dim()}D{tensor} instead")
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+            max_batch_size = input.size(0) if self.batch_first else input.size(1)
+            if hx is None:
+                hx = (zeros(real_hidden_size), zeros(self.hidden_size)) if is_lstm else zeros(
+                    self.hidden_size)
+            elif is_lstm:
+                if is_batched:
+                    if hx[0].dim() != 3 or hx[1].dim() != 3:
+                        raise RuntimeError(
+                            "For batched 3-D input, hx and cx should also be 3-D but got "
+                            f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+                else:
+                    if hx[0].dim() != 2 or hx[1].dim() != 2:
+                        raise RuntimeError(
+                            "For unbatched 2-D input, hx and cx should also be 2-D but got "
+                            f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+            else:
+                if is_batched and hx.dim() != 3:
+                    raise RuntimeError(
+                        f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D "
+                        "tensor")
+                if not is_batched:
+                    if hx.dim() != 2:
+                        raise RuntimeError(
+                            f"For unbatched 2-D input, hx should also be 2-D but got "
+                            f"{hx.dim()}-D tensor")
+                    hx = hx.unsqueeze(1)
+
+        self.check_forward_args(input, hx, batch_sizes)
+        seq_len = len(batch_sizes) if batch_sizes is not None else input.size(
+            1 if self.batch_first else 0)
+        if seq_len == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        weights = [getattr(self, name) for name in self._flat_weights_names]
+        h0, c0 = hx if is_lstm else (hx, None)
+        self._check_attributes(input, [h0] if c0 is None else [h0, c0], weights)
+
+        lengths = None
+        x = input
+        batch_first = self.batch_first
+        if batch_sizes is not None:
+            # Packed: run on the padded time-major batch (sorted by length); each row stops
+            # at its own length inside the kernels.
+            x, lengths = pad_packed_sequence(PackedSequence(input, batch_sizes))
+            batch_first = False
+        output, h_n, c_n = functional.rnn(
+            _modes.MODE_IDS[self.mode], x, h0, c0, weights, hidden_size=self.hidden_size,
+            num_layers=self.num_layers, bias=self.bias, batch_first=batch_first,
+            dropout=self.dropout, training=self.training, bidirectional=self.bidirectional,
+            proj_size=self.proj_size, lengths=lengths)
+        hidden = (h_n, c_n) if is_lstm else h_n
+
+        if batch_sizes is not None:
+            packed = pack_padded_sequence(output, lengths)
+            output_packed = PackedSequence(packed.data, batch_sizes, sorted_indices,
+                                           unsorted_indices)
+            return output_packed, self.permute_hidden(hidden, unsorted_indices)
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1)) if is_lstm else hidden.squeeze(1)
+        return output, self.permute_hidden(hidden, unsorted_indices)
+
+
+class RNN(_RNNBase):
+    r"""Drop-in for :class:`torch.nn.RNN` (Elman RNN, tanh or relu) on fastrnn's kernels.
+
+    Same arguments: ``input_size, hidden_size, num_layers=1, nonlinearity='tanh', bias=True,
+    batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None``.
+    """
+
+    def __init__(self, *args, **kwargs):
+        # torch.nn.RNN.__init__, which cannot be called for a non-nn.RNN instance.
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:
+            self.nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        if self.nonlinearity == "tanh":
+            mode = "RNN_TANH"
+        elif self.nonlinearity == "relu":
+            mode = "RNN_RELU"
+        else:
+            raise ValueError(
+                f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
+        super().__init__(mode, *args, **kwargs)
+
+
+class LSTM(_RNNBase):
+    r"""Drop-in for :class:`torch.nn.LSTM` on fastrnn's kernels (``proj_size`` included).
+
+    Same arguments: ``input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+    dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None``.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
+
+class GRU(_RNNBase):
+    r"""Drop-in for :class:`torch.nn.GRU` on fastrnn's kernels.
+
+    Same arguments: ``input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+    dropout=0.0, bidirectional=False, device=None, dtype=None``.
+    """
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, **kwargs)

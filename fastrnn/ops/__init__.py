@@ -1,0 +1,1 @@
+"""Triton recurrence kernels and the ``fastrnn::recurrence`` custom op."""

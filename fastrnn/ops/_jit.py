@@ -1,0 +1,113 @@
+"""Shared @triton.jit helpers: activations and each cell's pointwise maths, forward and backward.
+
+This is the one place that knows the interpreter from the GPU: libdevice's tanh does not run in
+the Triton interpreter, so there tanh is written through the sigmoid. Kernels stay identical.
+
+All helpers take and return values in the accumulation dtype (fp32, or fp64 for fp64 layers).
+The formulas follow ATen's fused cells (aten/src/ATen/native/RNN.cpp) so results match torch.nn:
+LSTM ``c' = f*c + i*g``, ``h' = o*tanh(c')``; GRU (reset-after) ``n = tanh(x_n + r*(W_hn h + b_hn))``,
+``h' = n + z*(h - n)``.
+"""
+
+import triton
+import triton.language as tl
+
+from ..backend import interpreting
+
+# Cell ids as compile-time constants (same values as fastrnn._modes).
+RNN_TANH = tl.constexpr(0)
+RNN_RELU = tl.constexpr(1)
+LSTM = tl.constexpr(2)
+GRU = tl.constexpr(3)
+
+if interpreting():
+
+    @triton.jit
+    def tanh(x):
+        # libdevice is not available in the interpreter; exact in real arithmetic.
+        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+else:
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def tanh(x):
+        return libdevice.tanh(x)
+
+
+@triton.jit
+def sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def relu(x):
+    # NaN stays NaN (as torch.relu), which tl.maximum does not promise.
+    return tl.where(x < 0.0, 0.0, x)
+
+
+@triton.jit
+def lstm_fwd_pointwise(ai, af, ag, ao, c):
+    """Gate pre-activations and the previous cell state -> (i, f, g, o, c', o*tanh(c'))."""
+    i = sigmoid(ai)
+    f = sigmoid(af)
+    g = tanh(ag)
+    o = sigmoid(ao)
+    c_new = f * c + i * g
+    return i, f, g, o, c_new, o * tanh(c_new)
+
+
+@triton.jit
+def lstm_bwd_pointwise(dr, dc, i, f, g, o, c_new, c_prev):
+    """d(o*tanh(c')) and dc' -> gradients of the four gate pre-activations and of c."""
+    tc = tanh(c_new)
+    dc = dc + dr * o * (1.0 - tc * tc)
+    di = dc * g * i * (1.0 - i)
+    df = dc * c_prev * f * (1.0 - f)
+    dg = dc * i * (1.0 - g * g)
+    do = dr * tc * o * (1.0 - o)
+    return di, df, dg, do, dc * f
+
+
+@triton.jit
+def gru_fwd_pointwise(ar, az, xn, hn, h):
+    """``hn`` is W_hn h + b_hn. Returns (r, z, n, h')."""
+    r = sigmoid(ar)
+    z = sigmoid(az)
+    n = tanh(xn + r * hn)
+    return r, z, n, n + z * (h - n)
+
+
+@triton.jit
+def gru_bwd_pointwise(dh, r, z, n, hn, h_prev):
+    """Returns the gradients of the r, z, n pre-activations, of W_hn h + b_hn, and dh' * z."""
+    dnx = dh * (1.0 - z) * (1.0 - n * n)
+    dr = dnx * hn * r * (1.0 - r)
+    dz = dh * (h_prev - n) * z * (1.0 - z)
+    return dr, dz, dnx, dnx * r, dh * z
+
+
+@triton.jit
+def rnn_act(a, CELL: tl.constexpr):
+    if CELL == RNN_TANH:
+        h = tanh(a)
+    else:
+        h = relu(a)
+    return h
+
+
+@triton.jit
+def rnn_act_bwd(dh, h, CELL: tl.constexpr):
+    """Gradient of the pre-activation from the output ``h`` of tanh or relu."""
+    if CELL == RNN_TANH:
+        da = dh * (1.0 - h * h)
+    else:
+        da = tl.where(h > 0.0, dh, 0.0)
+    return da
+
+
+@triton.jit
+def positive(x, o):
+    """``x > 0`` for a scalar ``x``, as a block shaped like ``o``: the interpreter cannot combine
+    a scalar condition with a block mask."""
+    return (o * 0 + x) > 0

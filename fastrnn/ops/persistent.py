@@ -1,0 +1,316 @@
+"""Strategy "persistent": one program per (batch tile, direction) runs the whole time loop.
+
+The program loads its direction's W_hh (and W_hr) once, keeps h (and c) in registers, and walks
+the sequence: per step one tile of input projections in, ``h @ W_hh^T`` on the tensor cores, the
+cell's pointwise maths, one tile of outputs (and saved activations) out. No cross-program
+communication, so it also runs under the Triton interpreter. It suits small hidden sizes, where
+all of W_hh fits on one SM (``select_strategy`` in recurrence.py decides).
+
+Backward walks the sequence in reverse with dh (and dc) in registers and writes the gradients of
+the gate pre-activations; the weight gradients are whole-sequence GEMMs afterwards.
+"""
+
+import triton
+import triton.language as tl
+
+from ._jit import (GRU, LSTM, gru_bwd_pointwise, gru_fwd_pointwise, lstm_bwd_pointwise,
+                   lstm_fwd_pointwise, positive, rnn_act, rnn_act_bwd)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _recurrence_fwd_persistent_kernel(
+    xg_ptr, stride_xt, stride_xb,      # [T, B, D*G*H] input projections (feature dim contiguous)
+    h0_ptr, c0_ptr,                    # [D, B, P], [D, B, H] contiguous
+    w_hh_ptr, b_hn_ptr, w_hr_ptr,      # [D, G*H, P], [D, H], [D, P, H] contiguous
+    len_ptr,                           # [B] int32 sequence lengths (packed input)
+    y_ptr, stride_yt, stride_yb,       # [T, B, D*P] states after every step
+    hn_ptr, cn_ptr,                    # [D, B, P], [D, B, H] final states
+    gates_ptr, cell_ptr,               # [T, B, D, NSAVE*H], [T, B, D, H] saved for backward
+    T, B, H, P,
+    CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr,
+    HAS_BHN: tl.constexpr, HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    SAVE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    i_b = tl.program_id(0)
+    i_d = tl.program_id(1)
+    D = tl.num_programs(1)
+    o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    o_h = tl.arange(0, BLOCK_H)
+    o_p = tl.arange(0, BLOCK_P)
+    m_b = o_b < B
+    m_h = o_h < H
+    m_p = o_p < P
+    m_bh = m_b[:, None] & m_h[None, :]
+    m_bp = m_b[:, None] & m_p[None, :]
+    ob64 = o_b.to(tl.int64)
+    W_DTYPE = w_hh_ptr.dtype.element_ty
+    Y_DTYPE = y_ptr.dtype.element_ty
+
+    # Gate k of W_hh[d] as a [P, H] tile: the K x N operand of h @ W_hh^T.
+    p_w = w_hh_ptr + i_d * (G * H * P) + o_h[None, :] * P + o_p[:, None]
+    m_w = m_p[:, None] & m_h[None, :]
+    b_w0 = tl.load(p_w, mask=m_w, other=0.0)
+    if G >= 3:
+        b_w1 = tl.load(p_w + H * P, mask=m_w, other=0.0)
+        b_w2 = tl.load(p_w + 2 * H * P, mask=m_w, other=0.0)
+    if G == 4:
+        b_w3 = tl.load(p_w + 3 * H * P, mask=m_w, other=0.0)
+    if HAS_PROJ:
+        # W_hr[d] is [P, H]; as an [H, P] tile for r @ W_hr^T.
+        b_wr = tl.load(w_hr_ptr + i_d * (P * H) + o_p[None, :] * H + o_h[:, None],
+                       mask=m_h[:, None] & m_p[None, :], other=0.0)
+    if HAS_BHN:
+        b_bhn = tl.load(b_hn_ptr + i_d * H + o_h, mask=m_h, other=0.0).to(ACC)[None, :]
+
+    p_state = (i_d * B + ob64)[:, None]
+    h = tl.load(h0_ptr + p_state * P + o_p[None, :], mask=m_bp, other=0.0).to(ACC)
+    if CELL == LSTM:
+        c = tl.load(c0_ptr + p_state * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
+    if HAS_LENGTHS:
+        b_len = tl.load(len_ptr + o_b, mask=m_b, other=0)
+
+    for s in range(0, T):
+        t = s + i_d * (T - 1 - 2 * s)  # direction 0 walks forward, direction 1 backward
+        t64 = t.to(tl.int64)
+        p_x = xg_ptr + t64 * stride_xt + ob64[:, None] * stride_xb + i_d * (G * H) + o_h[None, :]
+        b_hw = h.to(W_DTYPE)
+        a0 = tl.load(p_x, mask=m_bh, other=0.0).to(ACC) + tl.dot(
+            b_hw, b_w0, input_precision=PRECISION).to(ACC)
+        p_row = (t64 * B + ob64)[:, None] * D + i_d  # row of the saved-activation tensors
+        if CELL == LSTM:
+            a1 = tl.load(p_x + H, mask=m_bh, other=0.0).to(ACC) + tl.dot(
+                b_hw, b_w1, input_precision=PRECISION).to(ACC)
+            a2 = tl.load(p_x + 2 * H, mask=m_bh, other=0.0).to(ACC) + tl.dot(
+                b_hw, b_w2, input_precision=PRECISION).to(ACC)
+            a3 = tl.load(p_x + 3 * H, mask=m_bh, other=0.0).to(ACC) + tl.dot(
+                b_hw, b_w3, input_precision=PRECISION).to(ACC)
+            i, f, g, o, c_new, r = lstm_fwd_pointwise(a0, a1, a2, a3, c)
+            if HAS_PROJ:
+                h_new = tl.dot(r.to(W_DTYPE), b_wr, input_precision=PRECISION).to(ACC)
+            else:
+                h_new = r
+            if SAVE:
+                p_g = gates_ptr + p_row * (NSAVE * H) + o_h[None, :]
+                tl.store(p_g, i.to(gates_ptr.dtype.element_ty), mask=m_bh)
+                tl.store(p_g + H, f.to(gates_ptr.dtype.element_ty), mask=m_bh)
+                tl.store(p_g + 2 * H, g.to(gates_ptr.dtype.element_ty), mask=m_bh)
+                tl.store(p_g + 3 * H, o.to(gates_ptr.dtype.element_ty), mask=m_bh)
+                tl.store(cell_ptr + p_row * H + o_h[None, :], c_new.to(cell_ptr.dtype.element_ty),
+                         mask=m_bh)
+            if HAS_LENGTHS:
+                c = tl.where((t < b_len)[:, None], c_new, c)
+            else:
+                c = c_new
+        elif CELL == GRU:
+            a1 = tl.load(p_x + H, mask=m_bh, other=0.0).to(ACC) + tl.dot(
+                b_hw, b_w1, input_precision=PRECISION).to(ACC)
+            hn = tl.dot(b_hw, b_w2, input_precision=PRECISION).to(ACC)
+            if HAS_BHN:
+                hn = hn + b_bhn
+            xn = tl.load(p_x + 2 * H, mask=m_bh, other=0.0).to(ACC)
+            r, z, n, h_new = gru_fwd_pointwise(a0, a1, xn, hn, h)
+            if SAVE:
+                p_g = gates_ptr + p_row * (NSAVE * H) + o_h[None, :]
+                tl.store(p_g, r.to(gates_ptr.dtype.element_ty), mask=m_bh)
+                tl.store(p_g + H, z.to(gates_ptr.dtype.element_ty), mask=m_bh)
+                tl.store(p_g + 2 * H, n.to(gates_ptr.dtype.element_ty), mask=m_bh)
+                tl.store(p_g + 3 * H, hn.to(gates_ptr.dtype.element_ty), mask=m_bh)
+        else:
+            h_new = rnn_act(a0, CELL)
+        # The state is stored, and carried, at the precision of the layer's dtype.
+        h_new = h_new.to(Y_DTYPE).to(ACC)
+        if HAS_LENGTHS:
+            h = tl.where((t < b_len)[:, None], h_new, h)
+        else:
+            h = h_new
+        tl.store(y_ptr + t64 * stride_yt + ob64[:, None] * stride_yb + i_d * P + o_p[None, :],
+                 h.to(Y_DTYPE), mask=m_bp)
+
+    tl.store(hn_ptr + p_state * P + o_p[None, :], h.to(hn_ptr.dtype.element_ty), mask=m_bp)
+    if CELL == LSTM:
+        tl.store(cn_ptr + p_state * H + o_h[None, :], c.to(cn_ptr.dtype.element_ty), mask=m_bh)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _recurrence_bwd_persistent_kernel(
+    dy_ptr, stride_dyt, stride_dyb,    # [T, B, D*P] gradient of the outputs
+    dhn_ptr, dcn_ptr,                  # [D, B, P], [D, B, H] gradients of the final states
+    y_ptr, stride_yt, stride_yb,       # [T, B, D*P] forward states
+    h0_ptr, c0_ptr,                    # [D, B, P], [D, B, H]
+    gates_ptr, cell_ptr,               # saved activations
+    w_hh_ptr, w_hr_ptr, len_ptr,
+    dgx_ptr, dgh_ptr,                  # [T, B, D, G*H] grads of xg and of W_hh h (+ b_hh)
+    dhp_ptr,                           # [T, B, D, P] total dh per step (projection only)
+    dh0_ptr, dc0_ptr,                  # [D, B, P], [D, B, H]
+    T, B, H, P,
+    CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr,
+    HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    i_b = tl.program_id(0)
+    i_d = tl.program_id(1)
+    D = tl.num_programs(1)
+    o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    o_h = tl.arange(0, BLOCK_H)
+    o_p = tl.arange(0, BLOCK_P)
+    m_b = o_b < B
+    m_h = o_h < H
+    m_p = o_p < P
+    m_bh = m_b[:, None] & m_h[None, :]
+    m_bp = m_b[:, None] & m_p[None, :]
+    ob64 = o_b.to(tl.int64)
+    W_DTYPE = w_hh_ptr.dtype.element_ty
+    G_DTYPE = dgx_ptr.dtype.element_ty
+
+    # Gate k of W_hh[d] as an [H, P] tile (its natural layout): the K x N operand of dG @ W_hh.
+    p_w = w_hh_ptr + i_d * (G * H * P) + o_h[:, None] * P + o_p[None, :]
+    m_w = m_h[:, None] & m_p[None, :]
+    b_w0 = tl.load(p_w, mask=m_w, other=0.0)
+    if G >= 3:
+        b_w1 = tl.load(p_w + H * P, mask=m_w, other=0.0)
+        b_w2 = tl.load(p_w + 2 * H * P, mask=m_w, other=0.0)
+    if G == 4:
+        b_w3 = tl.load(p_w + 3 * H * P, mask=m_w, other=0.0)
+    if HAS_PROJ:
+        # W_hr[d] as its natural [P, H] tile, for dh @ W_hr.
+        b_wr = tl.load(w_hr_ptr + i_d * (P * H) + o_p[:, None] * H + o_h[None, :],
+                       mask=m_p[:, None] & m_h[None, :], other=0.0)
+
+    p_state = (i_d * B + ob64)[:, None]
+    dh_c = tl.load(dhn_ptr + p_state * P + o_p[None, :], mask=m_bp, other=0.0).to(ACC)
+    if CELL == LSTM:
+        dc_c = tl.load(dcn_ptr + p_state * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
+        b_c0 = tl.load(c0_ptr + p_state * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
+    if CELL == GRU:
+        b_h0 = tl.load(h0_ptr + p_state * P + o_p[None, :], mask=m_bp, other=0.0).to(ACC)
+    if HAS_LENGTHS:
+        b_len = tl.load(len_ptr + o_b, mask=m_b, other=0)
+
+    for k in range(0, T):
+        s = T - 1 - k                      # forward step being undone
+        t = s + i_d * (T - 1 - 2 * s)
+        t64 = t.to(tl.int64)
+        has_prev = positive(s, o_b)[:, None]
+        # Time of the forward step before s (clamped; only read when has_prev).
+        t_prev = tl.minimum(tl.maximum(t - 1 + 2 * i_d, 0), T - 1).to(tl.int64)
+        p_row = (t64 * B + ob64)[:, None] * D + i_d
+        p_row_prev = (t_prev * B + ob64)[:, None] * D + i_d
+        dh = dh_c + tl.load(dy_ptr + t64 * stride_dyt + ob64[:, None] * stride_dyb + i_d * P
+                            + o_p[None, :], mask=m_bp, other=0.0).to(ACC)
+        if HAS_LENGTHS:
+            act = (t < b_len)[:, None]
+        else:
+            act = m_b[:, None]
+        p_dg = dgx_ptr + p_row * (G * H) + o_h[None, :]
+        if CELL == LSTM:
+            if HAS_PROJ:
+                dr = tl.dot(dh.to(W_DTYPE), b_wr, input_precision=PRECISION).to(ACC)
+            else:
+                dr = dh
+            p_g = gates_ptr + p_row * (NSAVE * H) + o_h[None, :]
+            i = tl.load(p_g, mask=m_bh, other=0.0).to(ACC)
+            f = tl.load(p_g + H, mask=m_bh, other=0.0).to(ACC)
+            g = tl.load(p_g + 2 * H, mask=m_bh, other=0.0).to(ACC)
+            o = tl.load(p_g + 3 * H, mask=m_bh, other=0.0).to(ACC)
+            c_t = tl.load(cell_ptr + p_row * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
+            c_prev = tl.where(has_prev, tl.load(cell_ptr + p_row_prev * H + o_h[None, :],
+                                                mask=m_bh & has_prev, other=0.0).to(ACC), b_c0)
+            di, df, dg, do, dc_prev = lstm_bwd_pointwise(dr, dc_c, i, f, g, o, c_t, c_prev)
+            di = tl.where(act, di, 0.0)
+            df = tl.where(act, df, 0.0)
+            dg = tl.where(act, dg, 0.0)
+            do = tl.where(act, do, 0.0)
+            tl.store(p_dg, di.to(G_DTYPE), mask=m_bh)
+            tl.store(p_dg + H, df.to(G_DTYPE), mask=m_bh)
+            tl.store(p_dg + 2 * H, dg.to(G_DTYPE), mask=m_bh)
+            tl.store(p_dg + 3 * H, do.to(G_DTYPE), mask=m_bh)
+            dh_new = (tl.dot(di.to(W_DTYPE), b_w0, input_precision=PRECISION).to(ACC)
+                      + tl.dot(df.to(W_DTYPE), b_w1, input_precision=PRECISION).to(ACC)
+                      + tl.dot(dg.to(W_DTYPE), b_w2, input_precision=PRECISION).to(ACC)
+                      + tl.dot(do.to(W_DTYPE), b_w3, input_precision=PRECISION).to(ACC))
+            dc_c = tl.where(act, dc_prev, dc_c)
+        elif CELL == GRU:
+            p_g = gates_ptr + p_row * (NSAVE * H) + o_h[None, :]
+            r = tl.load(p_g, mask=m_bh, other=0.0).to(ACC)
+            z = tl.load(p_g + H, mask=m_bh, other=0.0).to(ACC)
+            n = tl.load(p_g + 2 * H, mask=m_bh, other=0.0).to(ACC)
+            hn = tl.load(p_g + 3 * H, mask=m_bh, other=0.0).to(ACC)
+            h_prev = tl.where(has_prev, tl.load(
+                y_ptr + t_prev * stride_yt + ob64[:, None] * stride_yb + i_d * P + o_p[None, :],
+                mask=m_bp & has_prev, other=0.0).to(ACC), b_h0)
+            dr, dz, dnx, dnh, dh_z = gru_bwd_pointwise(dh, r, z, n, hn, h_prev)
+            dr = tl.where(act, dr, 0.0)
+            dz = tl.where(act, dz, 0.0)
+            dnx = tl.where(act, dnx, 0.0)
+            dnh = tl.where(act, dnh, 0.0)
+            tl.store(p_dg, dr.to(G_DTYPE), mask=m_bh)
+            tl.store(p_dg + H, dz.to(G_DTYPE), mask=m_bh)
+            tl.store(p_dg + 2 * H, dnx.to(G_DTYPE), mask=m_bh)
+            p_dgh = dgh_ptr + p_row * (G * H) + o_h[None, :]
+            tl.store(p_dgh, dr.to(G_DTYPE), mask=m_bh)
+            tl.store(p_dgh + H, dz.to(G_DTYPE), mask=m_bh)
+            tl.store(p_dgh + 2 * H, dnh.to(G_DTYPE), mask=m_bh)
+            dh_new = (tl.dot(dr.to(W_DTYPE), b_w0, input_precision=PRECISION).to(ACC)
+                      + tl.dot(dz.to(W_DTYPE), b_w1, input_precision=PRECISION).to(ACC)
+                      + tl.dot(dnh.to(W_DTYPE), b_w2, input_precision=PRECISION).to(ACC)
+                      + dh_z)
+        else:
+            h_t = tl.load(y_ptr + t64 * stride_yt + ob64[:, None] * stride_yb + i_d * P
+                          + o_p[None, :], mask=m_bp, other=0.0).to(ACC)
+            da = tl.where(act, rnn_act_bwd(dh, h_t, CELL), 0.0)
+            tl.store(p_dg, da.to(G_DTYPE), mask=m_bh)
+            dh_new = tl.dot(da.to(W_DTYPE), b_w0, input_precision=PRECISION).to(ACC)
+        if HAS_PROJ:
+            tl.store(dhp_ptr + p_row * P + o_p[None, :],
+                     tl.where(act, dh, 0.0).to(dhp_ptr.dtype.element_ty), mask=m_bp)
+        # An inactive row (past its length) passes its gradient through unchanged.
+        dh_c = tl.where(act, dh_new, dh)
+
+    tl.store(dh0_ptr + p_state * P + o_p[None, :], dh_c.to(dh0_ptr.dtype.element_ty), mask=m_bp)
+    if CELL == LSTM:
+        tl.store(dc0_ptr + p_state * H + o_h[None, :], dc_c.to(dc0_ptr.dtype.element_ty),
+                 mask=m_bh)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers. ``f`` / ``b`` are the Forward / Backward problems built in recurrence.py.
+
+BLOCK_B = 16
+
+
+def _grid(B, D):
+    return (triton.cdiv(B, BLOCK_B), D)
+
+
+def forward(f):
+    _recurrence_fwd_persistent_kernel[_grid(f.B, f.D)](
+        f.xg, f.xg.stride(0), f.xg.stride(1),
+        f.h0, f.c0, f.w_hh, f.b_hn, f.w_hr, f.lengths,
+        f.y, f.y.stride(0), f.y.stride(1),
+        f.hn, f.cn, f.gates, f.cell,
+        f.T, f.B, f.H, f.P,
+        CELL=f.mode, G=f.G, NSAVE=f.NSAVE,
+        HAS_BHN=f.has_bhn, HAS_PROJ=f.has_proj, HAS_LENGTHS=f.has_lengths,
+        SAVE=f.save, ACC=f.acc, PRECISION=f.precision,
+        BLOCK_B=BLOCK_B, BLOCK_H=f.block_h, BLOCK_P=f.block_p,
+    )
+    return 1
+
+
+def backward(b):
+    _recurrence_bwd_persistent_kernel[_grid(b.B, b.D)](
+        b.dy, b.dy.stride(0), b.dy.stride(1),
+        b.dhn, b.dcn,
+        b.y, b.y.stride(0), b.y.stride(1),
+        b.h0, b.c0, b.gates, b.cell,
+        b.w_hh, b.w_hr, b.lengths,
+        b.dgx, b.dgh, b.dhp, b.dh0, b.dc0,
+        b.T, b.B, b.H, b.P,
+        CELL=b.mode, G=b.G, NSAVE=b.NSAVE,
+        HAS_PROJ=b.has_proj, HAS_LENGTHS=b.has_lengths,
+        ACC=b.acc, PRECISION=b.precision,
+        BLOCK_B=BLOCK_B, BLOCK_H=b.block_h, BLOCK_P=b.block_p,
+    )
+    return 1

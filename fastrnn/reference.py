@@ -1,0 +1,84 @@
+"""Plain-PyTorch recurrences: the readable statement of the maths and the test oracle.
+
+``recurrence_reference`` has the same contract as the Triton recurrence op
+(``fastrnn.ops.recurrence``): it takes the input projections of one layer for all directions and
+runs the sequential part. Everything is differentiable by autograd, in any dtype (tests run it in
+float64).
+
+Conventions shared with the kernels:
+
+* ``xg`` is ``[T, B, D * G * H]``: ``x_t W_ih^T + b_ih`` plus the parts of ``b_hh`` that may be
+  pre-summed (all of it for RNN and LSTM; the r and z parts for GRU). Direction ``d`` owns columns
+  ``d*G*H : (d+1)*G*H``.
+* Direction 0 runs ``t = 0 .. T-1``, direction 1 runs ``t = T-1 .. 0``.
+* ``lengths`` (packed input, batch sorted by decreasing length): row ``b`` is active at step ``t``
+  iff ``t < lengths[b]``. An inactive row keeps its state. So the forward direction's final state
+  is the state at its last step, and the reverse direction starts from ``h0`` at ``lengths[b]-1``.
+* ``y`` holds the state after every step, also at inactive positions (the carried state): the
+  caller drops those positions when it packs the output again.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._modes import GRU, LSTM, RNN_RELU, RNN_TANH
+
+
+def cell_step(mode: int, xg: Tensor, h: Tensor, c: Tensor | None, w_hh: Tensor,
+              b_hn: Tensor | None, w_hr: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """One step of one direction: ``xg`` [B, G*H], ``h`` [B, P], ``c`` [B, H] -> (h', c')."""
+    hg = h @ w_hh.t()
+    if mode == RNN_TANH:
+        return torch.tanh(xg + hg), None
+    if mode == RNN_RELU:
+        return torch.relu(xg + hg), None
+    if mode == LSTM:
+        i, f, g, o = (xg + hg).chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        if w_hr is not None:
+            h = h @ w_hr.t()
+        return h, c
+    if mode == GRU:
+        xr, xz, xn = xg.chunk(3, dim=-1)
+        hr, hz, hn = hg.chunk(3, dim=-1)
+        if b_hn is not None:
+            hn = hn + b_hn
+        r = torch.sigmoid(xr + hr)
+        z = torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        return (1 - z) * n + z * h, None
+    raise ValueError(f"unknown mode {mode}")
+
+
+def recurrence_reference(mode: int, xg: Tensor, h0: Tensor, c0: Tensor | None, w_hh: Tensor,
+                         b_hn: Tensor | None = None, w_hr: Tensor | None = None,
+                         lengths: Tensor | None = None):
+    """Reference for the recurrence op. Returns ``(y [T, B, D*P], h_n [D, B, P], c_n [D, B, H] | None)``."""
+    T, B, _ = xg.shape
+    D = w_hh.shape[0]
+    GH = w_hh.shape[1]
+    outputs, h_n, c_n = [], [], []
+    for d in range(D):
+        h = h0[d]
+        c = c0[d] if c0 is not None else None
+        ys = [None] * T
+        for s in range(T):
+            t = s if d == 0 else T - 1 - s
+            h_new, c_new = cell_step(mode, xg[t, :, d * GH:(d + 1) * GH], h,
+                                     c, w_hh[d], None if b_hn is None else b_hn[d],
+                                     None if w_hr is None else w_hr[d])
+            if lengths is not None:
+                active = (t < lengths.to(h.device))[:, None]
+                h_new = torch.where(active, h_new, h)
+                if c is not None:
+                    c_new = torch.where(active, c_new, c)
+            h, c = h_new, c_new
+            ys[t] = h
+        outputs.append(torch.stack(ys))
+        h_n.append(h)
+        c_n.append(c)
+    y = torch.cat(outputs, dim=-1)
+    return y, torch.stack(h_n), (torch.stack(c_n) if c0 is not None else None)
