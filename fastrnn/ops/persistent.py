@@ -90,18 +90,19 @@ def _recurrence_fwd_persistent_kernel(
                 h_new = tl.dot(r.to(W_DTYPE), b_wr, input_precision=PRECISION).to(ACC)
             else:
                 h_new = r
+            if HAS_LENGTHS:
+                c = tl.where((t < b_len)[:, None], c_new, c)
+            else:
+                c = c_new
             if SAVE:
                 p_g = gates_ptr + p_row * (NSAVE * H) + o_h[None, :]
                 tl.store(p_g, i.to(gates_ptr.dtype.element_ty), mask=m_bh)
                 tl.store(p_g + H, f.to(gates_ptr.dtype.element_ty), mask=m_bh)
                 tl.store(p_g + 2 * H, g.to(gates_ptr.dtype.element_ty), mask=m_bh)
                 tl.store(p_g + 3 * H, o.to(gates_ptr.dtype.element_ty), mask=m_bh)
-                tl.store(cell_ptr + p_row * H + o_h[None, :], c_new.to(cell_ptr.dtype.element_ty),
+                # The carried state: backward reads it as the cell state before the next step.
+                tl.store(cell_ptr + p_row * H + o_h[None, :], c.to(cell_ptr.dtype.element_ty),
                          mask=m_bh)
-            if HAS_LENGTHS:
-                c = tl.where((t < b_len)[:, None], c_new, c)
-            else:
-                c = c_new
         elif CELL == GRU:
             a1 = tl.load(p_x + H, mask=m_bh, other=0.0).to(ACC) + tl.dot(
                 b_hw, b_w1, input_precision=PRECISION).to(ACC)

@@ -223,17 +223,19 @@ def _setup_context(ctx, inputs, output):
     xg, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save = inputs
     y, _, _, gates, cell = output
     ctx.mode = mode
+    ctx.saved_activations = save
     ctx.has_c0 = c0 is not None
     ctx.has_bhn = b_hn is not None
     ctx.has_proj = w_hr is not None
     ctx.has_lengths = lengths is not None
+    ctx.mark_non_differentiable(gates, cell)
     ctx.save_for_backward(h0, c0, w_hh, w_hr, lengths, y, gates, cell)
 
 
 def _backward(ctx, dy, dhn, dcn, _dgates, _dcell):
     h0, c0, w_hh, w_hr, lengths, y, gates, cell = ctx.saved_tensors
     mode = ctx.mode
-    if not gates.numel() and mode in (_modes.LSTM, _modes.GRU):
+    if not ctx.saved_activations and mode in (_modes.LSTM, _modes.GRU):
         raise RuntimeError("fastrnn: backward through a recurrence run without saved "
                            "activations (it ran under no_grad or with inputs not requiring grad)")
     if dy is None:

@@ -1,0 +1,223 @@
+"""Parity with torch.nn: forward outputs and every gradient, shared weights.
+
+The grid covers cell type x layers x direction x layout x bias x proj_size x input kind x hx,
+under each kernel strategy (the persistent kernel runs the whole grid; stepwise runs it for 1 and 2
+layers, since stacking layers is the same code for both).
+"""
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_sequence
+
+import fastrnn
+from fastrnn.ops.recurrence import LAUNCHES, force_strategy
+from tests.parity import DEVICE, KINDS, assert_parity, make_inputs, make_pair, run
+
+I, H, P, T, B = 5, 7, 3, 4, 3
+
+CELLS = {  # id -> (torch.nn class name, extra constructor kwargs)
+    "rnn_tanh": ("RNN", {}),
+    "rnn_relu": ("RNN", {"nonlinearity": "relu"}),
+    "lstm": ("LSTM", {}),
+    "gru": ("GRU", {}),
+}
+STRATEGIES = ("persistent", "stepwise")
+
+
+def _grid():
+    for strategy, cell, layers, bidir, batch_first, bias, kind, hx in itertools.product(
+            STRATEGIES, CELLS, (1, 2, 3), (False, True), (False, True), (True, False), KINDS,
+            (False, True)):
+        if strategy == "stepwise" and layers == 3:
+            continue
+        for proj in ((0, P) if cell == "lstm" else (0,)):
+            yield pytest.param(
+                strategy, cell, layers, bidir, batch_first, bias, proj, kind, hx,
+                id=f"{strategy}-{cell}-L{layers}-{'bi' if bidir else 'uni'}"
+                   f"-{'bf' if batch_first else 'tm'}-{'bias' if bias else 'nobias'}"
+                   f"-proj{proj}-{kind}-{'hx' if hx else 'nohx'}")
+
+
+def _module_kwargs(cell, **kwargs):
+    name, extra = CELLS[cell]
+    return name, {**kwargs, **extra}
+
+
+@pytest.mark.parametrize("strategy,cell,layers,bidir,batch_first,bias,proj,kind,hx", list(_grid()))
+def test_parity_grid(strategy, cell, layers, bidir, batch_first, bias, proj, kind, hx):
+    name, kwargs = _module_kwargs(cell, num_layers=layers, bidirectional=bidir,
+                                  batch_first=batch_first, bias=bias)
+    if proj:
+        kwargs["proj_size"] = proj
+    fast, ref = make_pair(name, I, H, **kwargs)
+    build, leaves = make_inputs(ref, kind, T, B, hx)
+    with force_strategy(strategy):
+        got = run(fast, build, leaves)
+    assert_parity(got, run(ref, build, leaves))
+
+
+# Awkward sizes: hidden 1, 7, 33; a single step; batch tiles and hidden tiles beyond one block
+# (stepwise tiles are at most 64 wide, the persistent batch tile is 16 rows).
+AWKWARD = [
+    # cell, input, hidden, proj, T, B, strategy
+    ("lstm", 3, 1, 0, 3, 2, "persistent"),
+    ("gru", 3, 1, 0, 3, 2, "stepwise"),
+    ("rnn_tanh", 2, 1, 0, 1, 1, "persistent"),
+    ("lstm", 4, 33, 0, 1, 3, "persistent"),
+    ("gru", 4, 33, 0, 2, 3, "stepwise"),
+    ("rnn_relu", 4, 33, 0, 3, 2, "stepwise"),
+    ("lstm", 4, 33, 17, 2, 2, "stepwise"),
+    ("lstm", 6, 70, 0, 2, 17, "stepwise"),
+    ("gru", 6, 70, 0, 2, 3, "stepwise"),
+    ("lstm", 5, 70, 66, 2, 3, "stepwise"),
+    ("rnn_tanh", 3, 9, 0, 3, 17, "persistent"),
+    ("gru", 3, 9, 0, 3, 33, "persistent"),
+]
+
+
+@pytest.mark.parametrize("cell,I_,H_,P_,T_,B_,strategy", AWKWARD,
+                         ids=[f"{c}-I{i}-H{h}-P{p}-T{t}-B{b}-{s}" for c, i, h, p, t, b, s in AWKWARD])
+@pytest.mark.parametrize("bidir", [False, True], ids=["uni", "bi"])
+def test_parity_awkward_sizes(cell, I_, H_, P_, T_, B_, strategy, bidir):
+    name, kwargs = _module_kwargs(cell, bidirectional=bidir)
+    if P_:
+        kwargs["proj_size"] = P_
+    fast, ref = make_pair(name, I_, H_, **kwargs)
+    kind = "packed_unsorted" if B_ > 1 else "padded"
+    build, leaves = make_inputs(ref, kind, T_, B_, with_hx=True)
+    with force_strategy(strategy):
+        got = run(fast, build, leaves)
+    assert_parity(got, run(ref, build, leaves))
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_pack_sequence_input(cell):
+    name, kwargs = _module_kwargs(cell, num_layers=2, bidirectional=True)
+    fast, ref = make_pair(name, I, H, **kwargs)
+    seqs = [torch.randn(n, I, generator=torch.Generator().manual_seed(n)) for n in (2, 5, 1, 5)]
+
+    def build(leaves):
+        return pack_sequence(leaves, enforce_sorted=False), None
+
+    assert_parity(run(fast, build, seqs), run(ref, build, seqs))
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_dropout_matches_torch_under_same_seed(cell):
+    # On CPU torch.nn draws its inter-layer dropout masks with the same generator calls for
+    # padded input (for packed input it draws them over the packed rows only).
+    if DEVICE != "cpu":
+        pytest.skip("cuDNN draws dropout masks with its own generator")
+    name, kwargs = _module_kwargs(cell, num_layers=3, dropout=0.5, bidirectional=True)
+    fast, ref = make_pair(name, I, H, **kwargs)
+    build, leaves = make_inputs(ref, "padded", T, B, with_hx=True)
+    torch.manual_seed(7)
+    got = run(fast, build, leaves)
+    torch.manual_seed(7)
+    assert_parity(got, run(ref, build, leaves))
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_dropout_reproducible_and_off_in_eval(cell):
+    name, kwargs = _module_kwargs(cell, num_layers=2, dropout=0.5)
+    fast, _ = make_pair(name, I, H, **kwargs)
+    x = torch.randn(T, B, I, device=DEVICE)
+    torch.manual_seed(3)
+    a = fast(x)[0]
+    torch.manual_seed(3)
+    b = fast(x)[0]
+    c = fast(x)[0]
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    fast.eval()
+    assert torch.equal(fast(x)[0], fast(x)[0])
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_batch_zero(cell, batch_first):
+    name, kwargs = _module_kwargs(cell, num_layers=2, bidirectional=True, batch_first=batch_first)
+    fast, ref = make_pair(name, I, H, **kwargs)
+    build, leaves = make_inputs(ref, "padded", T, 0, with_hx=True)
+    assert_parity(run(fast, build, leaves), run(ref, build, leaves))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, interpreter
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_nan_propagates_like_torch(cell, strategy):
+    name, kwargs = _module_kwargs(cell, num_layers=2)
+    fast, ref = make_pair(name, I, H, **kwargs)
+    x = torch.randn(T, B, I, device=DEVICE)
+    x[1, 0, 2] = math.nan
+    x[2, 2, 0] = math.inf
+    with torch.no_grad(), force_strategy(strategy):
+        got, got_h = fast(x)
+    want, want_h = ref(x)
+    torch.testing.assert_close(got, want.detach(), equal_nan=True, atol=1e-5, rtol=1e-5)
+    got_h = torch.cat(got_h) if isinstance(got_h, tuple) else got_h
+    want_h = torch.cat(want_h) if isinstance(want_h, tuple) else want_h
+    torch.testing.assert_close(got_h, want_h.detach(), equal_nan=True, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_eval_mode_and_no_grad(cell):
+    name, kwargs = _module_kwargs(cell, num_layers=2, bidirectional=True, dropout=0.3)
+    fast, ref = make_pair(name, I, H, **kwargs)
+    fast.eval()
+    ref.eval()
+    x = torch.randn(T, B, I, device=DEVICE)
+    with torch.no_grad():
+        got = fast(x)
+        want = ref(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_fp16_error_within_2x_of_torch(cell, strategy):
+    """fp16 through the kernels: error against an fp64 reference within 2x of torch.nn's own
+    fp16 error (plus a small floor for outputs torch happens to get nearly exact)."""
+    name, kwargs = _module_kwargs(cell, num_layers=2, bidirectional=True)
+    fast, ref = make_pair(name, I, 16, **kwargs)
+    fast.half()
+    ref.half()
+    exact = getattr(torch.nn, name)(I, 16, **kwargs).to(DEVICE).double()
+    exact.load_state_dict(ref.state_dict())
+    build, leaves = make_inputs(ref, "packed_unsorted", 6, B, with_hx=True, dtype=torch.float16)
+    with force_strategy(strategy):
+        got = run(fast, build, leaves)
+    want = run(ref, build, leaves)
+    truth = run(exact, build, [t.double() for t in leaves])
+    for key, t in truth.items():
+        if not t.is_floating_point():
+            continue
+        err_fast = (got[key].double() - t).abs().max().item()
+        err_torch = (want[key].double() - t).abs().max().item()
+        assert err_fast <= 2 * err_torch + 2e-3 * max(1.0, t.abs().max().item()), (
+            key, err_fast, err_torch)
+
+
+def test_kernels_ran_not_torch(monkeypatch):
+    """The Triton path launches fastrnn's kernels and never calls torch's fused RNN ops."""
+    from torch import _VF
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch's fused RNN op was called")
+
+    for op in ("lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell", "gru_cell", "rnn_tanh_cell",
+               "rnn_relu_cell"):
+        monkeypatch.setattr(_VF, op, refuse)
+    for cell in CELLS:
+        name, kwargs = _module_kwargs(cell, num_layers=2, bidirectional=True)
+        fast = getattr(fastrnn, name)(I, H, **kwargs).to(DEVICE)
+        before = sum(LAUNCHES.values())
+        out, _ = fast(torch.randn(T, B, I, device=DEVICE, requires_grad=True))
+        mid = sum(LAUNCHES.values())
+        out.sum().backward()
+        assert mid > before, "forward launched no fastrnn kernel"
+        assert sum(LAUNCHES.values()) > mid, "backward launched no fastrnn kernel"
+        assert all(p.grad is not None for p in fast.parameters())
