@@ -87,6 +87,13 @@ def select_strategy(mode: int, H: int, P: int, B: int, dtype: torch.dtype,
     return "stepwise"
 
 
+def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """fp32 recurrent GEMMs follow torch's TF32 switch for matmuls, as the input projection does."""
+    tf32 = (dtype == torch.float32 and device.type == "cuda" and not interpreting()
+            and torch.backends.cuda.matmul.allow_tf32)
+    return "tf32" if tf32 else "ieee"
+
+
 class _Problem:
     """Sizes, compile-time flags and tensors shared by the launchers of every strategy."""
 
@@ -104,9 +111,7 @@ class _Problem:
         dtype = w_hh.dtype
         self.acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.acc = tl.float64 if dtype == torch.float64 else tl.float32
-        tf32 = (dtype == torch.float32 and h0.device.type == "cuda" and not interpreting()
-                and torch.backends.cuda.matmul.allow_tf32)
-        self.precision = "tf32" if tf32 else "ieee"
+        self.precision = dot_precision(dtype, h0.device)
         self.block_h = _block(self.H)
         self.block_p = _block(self.P)
         # Tensors absent for this cell type are replaced by a harmless placeholder pointer.
