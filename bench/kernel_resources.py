@@ -104,7 +104,8 @@ def drive(compiler, strategy, mode, proj, bias, dtype, lengths, save, H):
     T, B, D = 3, 5, 2
     G = _modes.NUM_GATES[mode]
     P = H // 2 if proj else H
-    xg = torch.randn(T, B, D * G * H).to(dtype)
+    x = torch.randn(T, B, 4).to(dtype)
+    w_ih = torch.randn(D * G * H, 4).to(dtype)
     h0 = torch.randn(D, B, P).to(dtype)
     c0 = torch.randn(D, B, H).to(dtype) if mode == _modes.LSTM else None
     w_hh = torch.randn(D, G * H, P).to(dtype)
@@ -112,7 +113,7 @@ def drive(compiler, strategy, mode, proj, bias, dtype, lengths, save, H):
     w_hr = torch.randn(D, P, H).to(dtype) if proj else None
     lens = torch.tensor([3, 3, 2, 1, 1]) if lengths else None
     with rec.force_strategy(strategy):
-        y, hn, cn, gates, cell = rec.recurrence(xg, h0, c0, w_hh, b_hn, w_hr, lens, mode, False, save)
+        y, hn, cn, gates, cell = rec.recurrence(x, w_ih, None, h0, c0, w_hh, b_hn, w_hr, lens, mode, False, save)
         if save:
             rec.recurrence_backward(torch.zeros_like(y), torch.zeros_like(hn),
                                     torch.zeros_like(cn) if c0 is not None else None, y, h0, c0,

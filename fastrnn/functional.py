@@ -1,9 +1,10 @@
 """The layer stack: input projections, the recurrence op, dropout between layers.
 
-Knows nothing of nn.Module. Per layer: one GEMM (``F.linear``) projects the input for every step
-and both directions at once, the recurrence op (``fastrnn::recurrence``) runs the sequential part,
-and dropout applies to every layer's output but the last, in training mode. Autograd handles the
-projection's gradients; the recurrence op has its own backward kernel.
+Knows nothing of nn.Module. Per layer, the recurrence op (``fastrnn::recurrence``) projects the
+input of every step and both directions in one GEMM and runs the sequential part in a Triton
+kernel; dropout applies to every layer's output but the last, in training mode. This layer
+prepares the weights: both directions' W_ih side by side, b_ih plus the pre-summable part of
+b_hh, and the recurrent weights stacked per direction.
 
 Tensors stay in the caller's memory layout: with ``batch_first`` the projection and the outputs
 are batch-major in memory, and the recurrence op reads and writes them through strides.
@@ -58,6 +59,19 @@ def _input_bias(mode: int, p: LayerParams, hidden_size: int) -> Tensor:
     return p.b_ih + p.b_hh
 
 
+def _compute_dtype(input: Tensor) -> torch.dtype:
+    device_type = input.device.type
+    if torch.is_autocast_enabled(device_type):
+        # torch.nn runs the whole layer in the autocast dtype; so does fastrnn (bf16 included).
+        return torch.get_autocast_dtype(device_type)
+    return input.dtype
+
+
+def _needs_grad(tensors: list[Tensor | None]) -> bool:
+    """Whether backward may run, so the forward must save activations."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def rnn(mode: int, input: Tensor, hx: Tensor, cx: Tensor | None, weights: list[Tensor], *,
         hidden_size: int, num_layers: int, bias: bool, batch_first: bool, dropout: float,
         training: bool, bidirectional: bool, proj_size: int = 0,
@@ -70,23 +84,16 @@ def rnn(mode: int, input: Tensor, hx: Tensor, cx: Tensor | None, weights: list[T
     Returns ``(output, h_n, c_n)`` with output in the input's layout and ``c_n`` None but for LSTM.
     """
     num_directions = 2 if bidirectional else 1
-    device_type = input.device.type
-    dtype = input.dtype
-    if torch.is_autocast_enabled(device_type):
-        # torch.nn runs the whole layer in the autocast dtype; so does fastrnn (bf16 included).
-        dtype = torch.get_autocast_dtype(device_type)
+    dtype = _compute_dtype(input)
     is_lstm = mode == _modes.LSTM
-    save = torch.is_grad_enabled() and (
-        input.requires_grad or hx.requires_grad or (cx is not None and cx.requires_grad)
-        or any(w.requires_grad for w in weights))
+    save = _needs_grad([input, hx, cx, *weights])
 
     x = input.to(dtype)
     h_n, c_n = [], []
     for layer in range(num_layers):
         params = layer_params(weights, layer, num_directions, bias, proj_size > 0)
         w_ih = _cat([p.w_ih for p in params]).to(dtype)
-        b = _cat([_input_bias(mode, p, hidden_size) for p in params]).to(dtype) if bias else None
-        xg = F.linear(x, w_ih, b).to(dtype)
+        b_x = _cat([_input_bias(mode, p, hidden_size) for p in params]).to(dtype) if bias else None
         w_hh = _stack([p.w_hh for p in params]).to(dtype)
         b_hn = None
         if bias and mode == _modes.GRU:
@@ -95,11 +102,34 @@ def rnn(mode: int, input: Tensor, hx: Tensor, cx: Tensor | None, weights: list[T
         rows = slice(layer * num_directions, (layer + 1) * num_directions)
         h0 = hx[rows].to(dtype)
         c0 = cx[rows].to(dtype) if is_lstm else None
-        y, hn, cn, _, _ = recurrence(xg.transpose(0, 1) if batch_first else xg, h0, c0, w_hh,
-                                     b_hn, w_hr, lengths, mode, batch_first, save)
+        y, hn, cn, _, _ = recurrence(x.transpose(0, 1) if batch_first else x, w_ih, b_x, h0, c0,
+                                     w_hh, b_hn, w_hr, lengths, mode, batch_first, save)
         x = y.transpose(0, 1) if batch_first else y
         if training and dropout > 0 and layer < num_layers - 1:
             x = F.dropout(x, dropout, training=True)
         h_n.append(hn)
         c_n.append(cn)
     return x, torch.cat(h_n), (torch.cat(c_n) if is_lstm else None)
+
+
+def cell(mode: int, input: Tensor, hx: Tensor, cx: Tensor | None, w_ih: Tensor, w_hh: Tensor,
+         b_ih: Tensor | None, b_hh: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """One step of an RNN/LSTM/GRU cell: ``input`` [B, I], ``hx`` [B, H], ``cx`` [B, H] (LSTM).
+
+    The same recurrence op as a layer, run for a single step of a single direction.
+    Returns ``(h', c')`` with ``c'`` None but for LSTM.
+    """
+    dtype = _compute_dtype(input)
+    hidden_size = w_hh.shape[1]
+    params = LayerParams(w_ih, w_hh, b_ih, b_hh, None)
+    b_x = _input_bias(mode, params, hidden_size).to(dtype) if b_ih is not None else None
+    b_hn = None
+    if b_hh is not None and mode == _modes.GRU:
+        b_hn = b_hh[2 * hidden_size:].unsqueeze(0).to(dtype)
+    save = _needs_grad([input, hx, cx, w_ih, w_hh, b_ih, b_hh])
+    is_lstm = mode == _modes.LSTM
+    _, h, c, _, _ = recurrence(
+        input.to(dtype).unsqueeze(0), w_ih.to(dtype), b_x, hx.to(dtype).unsqueeze(0),
+        cx.to(dtype).unsqueeze(0) if is_lstm else None, w_hh.to(dtype).unsqueeze(0), b_hn, None,
+        None, mode, False, save)
+    return h[0], (c[0] if is_lstm else None)

@@ -1,11 +1,14 @@
 """The recurrence op: the only place where time is sequential.
 
-``recurrence(xg, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save)`` runs one layer's
-recurrence for all of its directions, from the input projections ``xg`` (computed outside, one GEMM
-over all steps). It is a ``torch.library`` custom op (``fastrnn::recurrence``) with a fake
-implementation and registered autograd, so ``torch.compile`` traces it without graph breaks. Its
-backward is a second custom op, ``fastrnn::recurrence_backward``, that runs the backward kernel
-(backpropagation through time); the weight gradients are whole-sequence GEMMs after it.
+``recurrence(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save)`` runs one
+layer, all of its directions: one GEMM projects the input of every step and direction
+(``xg = x W_ih^T + b_x``), then a Triton kernel runs the sequential part. It is a ``torch.library``
+custom op (``fastrnn::recurrence``) with a fake implementation and registered autograd, so
+``torch.compile`` traces it without graph breaks. Its backward is a second custom op,
+``fastrnn::recurrence_backward``, that runs the backward kernel (backpropagation through time);
+the gradients of the input and of the weights are whole-sequence GEMMs after it. With
+``create_graph=True`` (double backward) the backward instead differentiates the plain-PyTorch
+reference, recomputed from the saved inputs.
 
 Strategies (one module each, each with ``forward(problem)`` and ``backward(problem)``):
 
@@ -15,7 +18,8 @@ Strategies (one module each, each with ``forward(problem)`` and ``backward(probl
 ``select_strategy`` picks one; ``force_strategy`` / ``FASTRNN_STRATEGY`` override it.
 
 Shapes (D directions, G gates, H hidden, P = proj_size or H):
-xg [T, B, D*G*H]; h0 [D, B, P]; c0 [D, B, H] (LSTM); w_hh [D, G*H, P]; b_hn [D, H] (GRU with
+x [T, B, I] (a batch-major tensor seen time-major when batch_first); w_ih [D*G*H, I];
+b_x [D*G*H] (b_ih plus the parts of b_hh that can be pre-summed); h0 [D, B, P]; c0 [D, B, H] (LSTM); w_hh [D, G*H, P]; b_hn [D, H] (GRU with
 bias); w_hr [D, P, H] (LSTM with proj_size); lengths [B] int (packed input, sorted decreasing).
 Outputs: y [T, B, D*P] (batch-major memory when batch_first), h_n [D, B, P], c_n [D, B, H], and the
 activations saved for backward: gates [T, B, D, NSAVE*H] and cell [T, B, D, H] (LSTM).
@@ -27,6 +31,7 @@ import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -123,11 +128,11 @@ class _Problem:
                         else self.w_hh)
 
 
-def _forward_outputs(mode, xg, h0, w_hh, batch_first, save):
-    T, B = xg.shape[0], xg.shape[1]
+def _forward_outputs(mode, x, h0, w_hh, batch_first, save):
+    T, B = x.shape[0], x.shape[1]
     D, GH, P = w_hh.shape
     H = GH // _modes.NUM_GATES[mode]
-    dtype, device = xg.dtype, xg.device
+    dtype, device = w_hh.dtype, x.device
     if batch_first:
         y = torch.empty(B, T, D * P, dtype=dtype, device=device).transpose(0, 1)
     else:
@@ -142,29 +147,35 @@ def _forward_outputs(mode, xg, h0, w_hh, batch_first, save):
     return y, hn, cn, gates, cell
 
 
+def _project(x: Tensor, w_ih: Tensor, b_x: Optional[Tensor], batch_first: bool) -> Tensor:
+    """xg = x W_ih^T + b_x for every step and direction in one GEMM, in x's memory layout."""
+    if batch_first:
+        return F.linear(x.transpose(0, 1), w_ih, b_x).transpose(0, 1)
+    return F.linear(x, w_ih, b_x)
+
+
 @torch.library.custom_op("fastrnn::recurrence", mutates_args=())
-def recurrence(xg: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
-               b_hn: Optional[Tensor], w_hr: Optional[Tensor], lengths: Optional[Tensor],
-               mode: int, batch_first: bool, save: bool
+def recurrence(x: Tensor, w_ih: Tensor, b_x: Optional[Tensor], h0: Tensor, c0: Optional[Tensor],
+               w_hh: Tensor, b_hn: Optional[Tensor], w_hr: Optional[Tensor],
+               lengths: Optional[Tensor], mode: int, batch_first: bool, save: bool
                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    y, hn, cn, gates, cell = _forward_outputs(mode, xg, h0, w_hh, batch_first, save)
-    T = xg.shape[0]
-    f = _Problem(mode, h0, w_hh, b_hn, w_hr, lengths, T)
+    y, hn, cn, gates, cell = _forward_outputs(mode, x, h0, w_hh, batch_first, save)
+    f = _Problem(mode, h0, w_hh, b_hn, w_hr, lengths, x.shape[0])
     if f.B == 0:
         return y, hn, cn, gates, cell
-    f.xg = xg if xg.stride(-1) == 1 else xg.contiguous()
+    f.xg = _project(x, w_ih, b_x, batch_first)
     f.c0 = c0.contiguous() if c0 is not None else f.h0
     f.y, f.hn, f.cn, f.gates, f.cell = y, hn, cn, gates, cell
     f.cell_dtype = f.acc_dtype
     f.save = save
-    name = select_strategy(mode, f.H, f.P, f.B, w_hh.dtype, xg.device, f.has_proj)
+    name = select_strategy(mode, f.H, f.P, f.B, w_hh.dtype, x.device, f.has_proj)
     LAUNCHES[name, "fwd"] += STRATEGIES[name].forward(f)
     return y, hn, cn, gates, cell
 
 
 @recurrence.register_fake
-def _(xg, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save):
-    return _forward_outputs(mode, xg, h0, w_hh, batch_first, save)
+def _(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save):
+    return _forward_outputs(mode, x, h0, w_hh, batch_first, save)
 
 
 def _backward_outputs(mode, dy, h0, w_hh, w_hr):
@@ -185,8 +196,8 @@ def recurrence_backward(dy: Tensor, dhn: Tensor, dcn: Optional[Tensor], y: Tenso
                         c0: Optional[Tensor], gates: Tensor, cell: Tensor, w_hh: Tensor,
                         w_hr: Optional[Tensor], lengths: Optional[Tensor], mode: int
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of xg (dgx), of W_hh h (+ b_hh) where they differ (GRU: dgh), of every h_t
-    (proj_size: dhp), and of h0, c0."""
+    """Gradients of the input projections xg (dgx, time-major), of W_hh h (+ b_hh) where they
+    differ (GRU: dgh), of every h_t (proj_size: dhp), and of h0, c0."""
     dgx, dgh, dhp, dh0, dc0 = _backward_outputs(mode, dy, h0, w_hh, w_hr)
     b = _Problem(mode, h0, w_hh, None, w_hr, lengths, dy.shape[0])
     if b.B == 0:
@@ -225,30 +236,52 @@ def _previous_states(y: Tensor, h0: Tensor) -> Tensor:
 
 
 def _setup_context(ctx, inputs, output):
-    xg, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save = inputs
+    x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save = inputs
     y, _, _, gates, cell = output
     ctx.mode = mode
+    ctx.batch_first = batch_first
     ctx.saved_activations = save
-    ctx.has_c0 = c0 is not None
-    ctx.has_bhn = b_hn is not None
-    ctx.has_proj = w_hr is not None
-    ctx.has_lengths = lengths is not None
+    ctx.present = [t is not None for t in (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr)]
     ctx.mark_non_differentiable(gates, cell)
-    ctx.save_for_backward(h0, c0, w_hh, w_hr, lengths, y, gates, cell)
+    ctx.save_for_backward(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, y, gates, cell)
+
+
+def _differentiable_backward(ctx, dy, dhn, dcn):
+    """create_graph=True: gradients as differentiable functions of the inputs, by autograd
+    through the plain-PyTorch reference recomputed from the saved inputs (slow, but exact)."""
+    from ..reference import recurrence_reference
+
+    x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, _, _, _ = ctx.saved_tensors
+    xg = _project(x, w_ih, b_x, ctx.batch_first)
+    y, hn, cn = recurrence_reference(ctx.mode, xg, h0, c0, w_hh, b_hn, w_hr, lengths)
+    inputs = (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr)
+    wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
+    outs, grads = [y, hn], [dy, dhn]
+    if cn is not None:
+        outs.append(cn)
+        grads.append(dcn)
+    got = torch.autograd.grad(outs, [inputs[i] for i in wanted], grads, create_graph=True,
+                              allow_unused=True)
+    result = [None] * 12
+    for i, g in zip(wanted, got):
+        result[i] = g if g is not None else torch.zeros_like(inputs[i])
+    return tuple(result)
 
 
 def _backward(ctx, dy, dhn, dcn, _dgates, _dcell):
-    h0, c0, w_hh, w_hr, lengths, y, gates, cell = ctx.saved_tensors
+    x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, y, gates, cell = ctx.saved_tensors
     mode = ctx.mode
-    if not ctx.saved_activations and mode in (_modes.LSTM, _modes.GRU):
-        raise RuntimeError("fastrnn: backward through a recurrence run without saved "
-                           "activations (it ran under no_grad or with inputs not requiring grad)")
     if dy is None:
         dy = torch.zeros_like(y)
     if dhn is None:
         dhn = torch.zeros_like(h0)
     if mode == _modes.LSTM and dcn is None:
         dcn = torch.zeros_like(c0)
+    if torch.is_grad_enabled():
+        return _differentiable_backward(ctx, dy, dhn, dcn)
+    if not ctx.saved_activations and mode in (_modes.LSTM, _modes.GRU):
+        raise RuntimeError("fastrnn: backward through a recurrence run without saved "
+                           "activations (it ran under no_grad or with inputs not requiring grad)")
     dgx, dgh, dhp, dh0, dc0 = recurrence_backward(
         dy, dhn, dcn if mode == _modes.LSTM else None, y, h0, c0, gates, cell, w_hh,
         w_hr, lengths, mode)
@@ -256,17 +289,24 @@ def _backward(ctx, dy, dhn, dcn, _dgates, _dcell):
     D, GH, P = w_hh.shape
     H = GH // _modes.NUM_GATES[mode]
     needs = ctx.needs_input_grad
+    dgx2 = dgx.view(T * B, D * GH)
+    d_x = d_w_ih = d_b_x = d_w_hh = d_b_hn = d_w_hr = None
+    if needs[0]:
+        d_x = torch.matmul(dgx, w_ih)  # time-major, like the x the op was given
+    if needs[1]:
+        d_w_ih = dgx2.t().mm(x.reshape(T * B, x.shape[-1]))
+    if b_x is not None and needs[2]:
+        d_b_x = dgx2.sum(dim=0)
     dgh4 = (dgh if mode == _modes.GRU else dgx).view(T, B, D, GH)
-    d_w_hh = d_b_hn = d_w_hr = None
-    if needs[3]:
+    if needs[5]:
         d_w_hh = torch.einsum("tbdg,tbdp->dgp", dgh4, _previous_states(y, h0))
-    if ctx.has_bhn and needs[4]:
+    if b_hn is not None and needs[6]:
         d_b_hn = dgh4[..., 2 * H:].sum(dim=(0, 1))
-    if ctx.has_proj and needs[5]:
+    if w_hr is not None and needs[7]:
         o = gates[..., 3 * H:4 * H]
         r = (o.to(cell.dtype) * torch.tanh(cell)).to(y.dtype)
         d_w_hr = torch.einsum("tbdp,tbdh->dph", dhp.view(T, B, D, P), r)
-    return (dgx, dh0, dc0 if ctx.has_c0 else None, d_w_hh, d_b_hn, d_w_hr,
+    return (d_x, d_w_ih, d_b_x, dh0, dc0 if c0 is not None else None, d_w_hh, d_b_hn, d_w_hr,
             None, None, None, None)
 
 

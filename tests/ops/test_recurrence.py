@@ -18,7 +18,11 @@ MODES = {"rnn_tanh": _modes.RNN_TANH, "rnn_relu": _modes.RNN_RELU, "lstm": _mode
          "gru": _modes.GRU}
 
 
+I = 3
+
+
 def _inputs(mode, T, B, H, D, proj, lengths, bias=True, seed=0):
+    """(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths) in float64."""
     g = torch.Generator().manual_seed(seed)
     G = _modes.NUM_GATES[mode]
     P = proj or H
@@ -26,23 +30,30 @@ def _inputs(mode, T, B, H, D, proj, lengths, bias=True, seed=0):
     def rnd(*shape):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * 0.7).to(DEVICE)
 
-    xg = rnd(T, B, D * G * H)
+    x = rnd(T, B, I)
+    w_ih = rnd(D * G * H, I)
+    b_x = rnd(D * G * H) if bias else None
     h0 = rnd(D, B, P)
     c0 = rnd(D, B, H) if mode == _modes.LSTM else None
     w_hh = rnd(D, G * H, P)
     b_hn = rnd(D, H) if mode == _modes.GRU and bias else None
     w_hr = rnd(D, P, H) if proj else None
     lens = torch.tensor(lengths, dtype=torch.int64) if lengths else None
-    return xg, h0, c0, w_hh, b_hn, w_hr, lens
+    return x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lens
 
 
 def _op(mode, batch_first):
-    def f(xg, h0, c0, w_hh, b_hn, w_hr, lengths):
-        y, hn, cn, _, _ = recurrence(xg, h0, c0, w_hh, b_hn, w_hr,
-                                     None if lengths is None else lengths.to(xg.device), mode,
+    def f(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths):
+        y, hn, cn, _, _ = recurrence(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr,
+                                     None if lengths is None else lengths.to(x.device), mode,
                                      batch_first, torch.is_grad_enabled())
         return y, hn, (cn if mode == _modes.LSTM else None)
     return f
+
+
+def _reference(mode, x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths):
+    xg = torch.nn.functional.linear(x, w_ih, b_x)
+    return recurrence_reference(mode, xg, h0, c0, w_hh, b_hn, w_hr, lengths)
 
 
 CASES = list(itertools.product(MODES, (1, 2), (0, 2), ([], [5, 3, 3, 1]), ("persistent", "stepwise")))
@@ -59,8 +70,8 @@ def test_op_matches_reference_fp64(mode, D, proj, lengths, strategy):
               for a in args]
     with force_strategy(strategy):
         got = _op(m, False)(*leaves)
-    want = recurrence_reference(m, *[a.clone().requires_grad_(a.is_floating_point())
-                                     if a is not None else None for a in args])
+    want = _reference(m, *[a.clone().requires_grad_(a.is_floating_point())
+                           if a is not None else None for a in args])
     for g_, w_ in zip(got, want):
         if w_ is not None:
             torch.testing.assert_close(g_, w_, atol=1e-12, rtol=1e-12)
@@ -70,12 +81,13 @@ def test_op_matches_reference_fp64(mode, D, proj, lengths, strategy):
            for w_ in want if w_ is not None]
     ref_leaves = [a.clone().requires_grad_(a.is_floating_point()) if a is not None else None
                   for a in args]
-    want = recurrence_reference(m, *ref_leaves)
+    want = _reference(m, *ref_leaves)
     with force_strategy(strategy):
         got = _op(m, False)(*leaves)
     torch.autograd.backward([t for t in got if t is not None], ups)
     torch.autograd.backward([t for t in want if t is not None], ups)
-    for name, a, b in zip(["xg", "h0", "c0", "w_hh", "b_hn", "w_hr"], leaves, ref_leaves):
+    for name, a, b in zip(["x", "w_ih", "b_x", "h0", "c0", "w_hh", "b_hn", "w_hr"], leaves,
+                          ref_leaves):
         if a is None:
             continue
         torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=1e-12, msg=name)
@@ -83,14 +95,14 @@ def test_op_matches_reference_fp64(mode, D, proj, lengths, strategy):
 
 @pytest.mark.parametrize("strategy", ["persistent", "stepwise"])
 def test_op_batch_first_layout(strategy):
-    """batch_first: the op reads xg and writes y through batch-major strides."""
+    """batch_first: the op reads x and writes y through batch-major strides."""
     m = _modes.GRU
-    xg, h0, _, w_hh, b_hn, _, _ = _inputs(m, 4, 3, 5, 2, 0, [])
-    xg_bf = xg.transpose(0, 1).contiguous().transpose(0, 1)
+    x, w_ih, b_x, h0, _, w_hh, b_hn, _, _ = _inputs(m, 4, 3, 5, 2, 0, [])
+    x_bf = x.transpose(0, 1).contiguous().transpose(0, 1)
     with force_strategy(strategy):
-        y, hn, _ = _op(m, True)(xg_bf, h0, None, w_hh, b_hn, None, None)
+        y, hn, _ = _op(m, True)(x_bf, w_ih, b_x, h0, None, w_hh, b_hn, None, None)
     assert y.transpose(0, 1).is_contiguous()
-    want, want_hn, _ = recurrence_reference(m, xg, h0, None, w_hh, b_hn)
+    want, want_hn, _ = _reference(m, x, w_ih, b_x, h0, None, w_hh, b_hn, None, None)
     torch.testing.assert_close(y, want, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(hn, want_hn, atol=1e-12, rtol=1e-12)
 
@@ -113,7 +125,8 @@ def test_gradcheck_through_kernels(mode, D, proj, lengths, strategy):
     T, B, H = 3, 2, 2
     args = _inputs(m, T, B, H, D, proj, lengths, seed=3)
     if m == _modes.RNN_RELU:  # keep pre-activations away from relu's kink
-        args = (args[0].abs() + 0.2,) + args[1:3] + (args[3].abs(),) + args[4:]
+        x, w_ih, b_x, h0, c0, w_hh = args[:6]
+        args = (x.abs(), w_ih.abs(), b_x.abs() + 0.2, h0.abs(), c0, w_hh.abs()) + args[6:]
     lens = args[-1]
     floats = [a for a in args[:-1] if a is not None]
     present = [a is not None for a in args[:-1]]
