@@ -1,10 +1,11 @@
 """fastrnn: drop-in torch.nn.RNN / LSTM / GRU whose recurrences run in fused Triton kernels."""
 
 from .backend import get_backend, use_kernels
-from .modules import GRU, LSTM, RNN
+from .convert import convert, to_torch
+from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 from .ops.recurrence import force_strategy, select_strategy
 
 __version__ = "0.1.0"
 
-__all__ = ["RNN", "LSTM", "GRU", "force_strategy", "select_strategy", "get_backend",
-           "use_kernels", "__version__"]
+__all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "convert", "to_torch",
+           "force_strategy", "select_strategy", "get_backend", "use_kernels", "__version__"]

@@ -8,6 +8,9 @@
   interpreter).
 * ``torch``: always torch's own implementation (``torch.nn.LSTM.forward`` and friends).
 
+During ``torch.onnx.export`` (either exporter) layers take torch.nn's path whatever the setting,
+so the ONNX graph holds the standard RNN / LSTM / GRU operators.
+
 The choice is visible: nothing falls back silently from the kernels to torch.
 """
 
@@ -41,7 +44,7 @@ def kernels_can_run(device: torch.device) -> bool:
 def use_kernels(device: torch.device) -> bool:
     """Whether a layer whose tensors live on ``device`` runs fastrnn's Triton kernels."""
     backend = get_backend()
-    if backend == "torch":
+    if backend == "torch" or torch.onnx.is_in_onnx_export():
         return False
     if kernels_can_run(device):
         return True

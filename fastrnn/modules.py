@@ -26,7 +26,9 @@ _TORCH_FORWARD = {
 }
 
 _DTYPE_NAMES = {torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float",
-                torch.float64: "Double"}
+                torch.float64: "Double", torch.int64: "Long", torch.int32: "Int",
+                torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte", torch.bool: "Bool",
+                torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble"}
 
 
 def _scalar_type(dtype: torch.dtype) -> str:
@@ -207,3 +209,98 @@ class GRU(_RNNBase):
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         super().__init__("GRU", *args, **kwargs)
+
+
+class _CellBase:
+    """What fastrnn's cells share: the forward pass, with torch.nn's checks and messages (the
+    shape checks ATen's cells make, ``check_rnn_cell_forward_*``, included)."""
+
+    _torch_cell: type
+
+    def _mode(self) -> int:
+        return {"LSTMCell": _modes.LSTM, "GRUCell": _modes.GRU}.get(
+            self._torch_cell.__name__, _modes.RNN_TANH)
+
+    def forward(self, input, hx=None):
+        if not use_kernels(input.device):
+            return self._torch_cell.forward(self, input, hx)
+        name = self._torch_cell.__name__
+        is_lstm = name == "LSTMCell"
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if is_lstm and hx is not None:
+            for idx, value in enumerate(hx):
+                if value.dim() not in (1, 2):
+                    raise ValueError(f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got "
+                                     f"{value.dim()}D instead")
+        elif hx is not None and hx.dim() not in (1, 2):
+            raise ValueError(f"{name}: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype,
+                                device=input.device)
+            hx = (zeros, zeros) if is_lstm else zeros
+        elif not is_batched:
+            hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0)) if is_lstm else hx.unsqueeze(0)
+        mode = self._mode()
+        if name == "RNNCell":
+            if self.nonlinearity not in ("tanh", "relu"):
+                raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
+            mode = _modes.RNN_TANH if self.nonlinearity == "tanh" else _modes.RNN_RELU
+        hiddens = list(hx) if is_lstm else [hx]
+        self._check(input, hiddens)
+        h, c = functional.cell(mode, input, hiddens[0], hiddens[1] if is_lstm else None,
+                               self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        if not is_batched:
+            h = h.squeeze(0)
+            c = c.squeeze(0) if is_lstm else None
+        return (h, c) if is_lstm else h
+
+    def _check(self, input, hiddens) -> None:
+        if input.size(1) != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected "
+                               f"{self.input_size}")
+        for idx, h in enumerate(hiddens):
+            if input.size(0) != h.size(0):
+                raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{idx} "
+                                   f"batch size {h.size(0)}")
+            if h.size(1) != self.hidden_size:
+                raise RuntimeError(f"hidden{idx} has inconsistent hidden_size: got {h.size(1)}, "
+                                   f"expected {self.hidden_size}")
+            if h.dim() != 2:  # a 2-D hx for 1-D input with hidden_size 1
+                raise RuntimeError(f"hidden{idx} must be 1-D for 1-D input and 2-D for 2-D "
+                                   f"input, got {h.dim() - 1}-D")
+        autocast = torch.is_autocast_enabled(input.device.type)
+        weight = self.weight_ih
+        for name, tensors in (("hidden", hiddens), ("parameter", list(self.parameters()))):
+            for t in tensors:
+                if t.device != input.device:
+                    raise RuntimeError(
+                        f"Input and {name} tensors are not at the same device, found input "
+                        f"tensor at {input.device} and {name} tensor at {t.device}")
+        if autocast:
+            return
+        for t in [input] + hiddens:  # the matrix products torch.nn's cells run first
+            if t.dtype != weight.dtype:
+                raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got "
+                                   f"{_scalar_type(t.dtype)} and {_scalar_type(weight.dtype)}")
+
+
+class RNNCell(_CellBase, nn.RNNCell):
+    """Drop-in for :class:`torch.nn.RNNCell` on fastrnn's kernels."""
+
+    _torch_cell = nn.RNNCell
+
+
+class LSTMCell(_CellBase, nn.LSTMCell):
+    """Drop-in for :class:`torch.nn.LSTMCell` on fastrnn's kernels."""
+
+    _torch_cell = nn.LSTMCell
+
+
+class GRUCell(_CellBase, nn.GRUCell):
+    """Drop-in for :class:`torch.nn.GRUCell` on fastrnn's kernels."""
+
+    _torch_cell = nn.GRUCell

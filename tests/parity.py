@@ -89,7 +89,7 @@ def run(module, build, leaves, grad_seed: int = 2):
     for name, leaf in zip(names, leaves):
         result[f"grad_{name}"] = leaf.grad
     for name, p in module.named_parameters():
-        result[f"grad_{name}"] = p.grad
+        result[f"grad_{name.removeprefix('_orig_mod.')}"] = p.grad  # torch.compile's wrapper
     if isinstance(out, PackedSequence):
         result["batch_sizes"] = out.batch_sizes
         for attr in ("sorted_indices", "unsorted_indices"):

@@ -1,0 +1,122 @@
+"""fastrnn.RNNCell / LSTMCell / GRUCell against torch.nn's cells."""
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import fastrnn
+from fastrnn.ops.recurrence import LAUNCHES
+from tests.parity import DEVICE, assert_parity
+
+I, H, B = 5, 7, 3
+CELLS = {"rnn_tanh": ("RNNCell", {}), "rnn_relu": ("RNNCell", {"nonlinearity": "relu"}),
+         "lstm": ("LSTMCell", {}), "gru": ("GRUCell", {})}
+
+
+def _pair(cell, **kwargs):
+    name, extra = CELLS[cell]
+    torch.manual_seed(0)
+    ref = getattr(nn, name)(I, H, **extra, **kwargs).to(DEVICE)
+    torch.manual_seed(0)
+    fast = getattr(fastrnn, name)(I, H, **extra, **kwargs).to(DEVICE)
+    for a, b in zip(fast.parameters(), ref.parameters()):
+        assert torch.equal(a, b)  # same init under the same seed
+    return fast, ref
+
+
+def _run(module, x, hx, steps=3):
+    """A few steps of a cell loop (so gradients flow through h across steps)."""
+    leaves = [x.clone().requires_grad_()] + [t.clone().requires_grad_() for t in hx]
+    xs, state = leaves[0], leaves[1:]
+    is_lstm = isinstance(module, nn.LSTMCell)
+    state = (tuple(state) if is_lstm else state[0]) if state else None
+    outs = []
+    for _ in range(steps):
+        state = module(xs, state)
+        outs.extend(state if is_lstm else [state])
+    g = torch.Generator().manual_seed(9)
+    torch.autograd.backward(outs, [torch.randn(o.shape, generator=g).to(o) for o in outs])
+    result = {f"out{i}": o.detach() for i, o in enumerate(outs)}
+    result.update({f"grad_leaf{i}": t.grad for i, t in enumerate(leaves)})
+    result.update({f"grad_{n}": p.grad for n, p in module.named_parameters()})
+    return result
+
+
+@pytest.mark.parametrize("cell,bias,batched,with_hx", list(itertools.product(
+    CELLS, (True, False), (True, False), (True, False))))
+def test_cell_parity(cell, bias, batched, with_hx):
+    fast, ref = _pair(cell, bias=bias)
+    g = torch.Generator().manual_seed(1)
+    shape = (B,) if batched else ()
+    x = torch.randn(*shape, I, generator=g).to(DEVICE)
+    n_states = (2 if cell == "lstm" else 1) if with_hx else 0
+    hx = [torch.randn(*shape, H, generator=g).to(DEVICE) for _ in range(n_states)]
+    assert_parity(_run(fast, x, hx), _run(ref, x, hx))
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_cell_batch_zero_and_fp64(cell):
+    fast, ref = _pair(cell)
+    x = torch.randn(0, I, device=DEVICE)
+    assert_parity(_run(fast, x, []), _run(ref, x, []))
+    fast.double()
+    ref.double()
+    x = torch.randn(B, I, dtype=torch.float64, device=DEVICE)
+    got, want = _run(fast, x, []), _run(ref, x, [])
+    assert_parity(got, want, atol=1e-12, rtol=1e-12)
+
+
+def test_cells_run_kernels():
+    for cell in CELLS:
+        fast, _ = _pair(cell)
+        before = sum(LAUNCHES.values())
+        out = fast(torch.randn(B, I, device=DEVICE, requires_grad=True))
+        (out[0] if isinstance(out, tuple) else out).sum().backward()
+        assert sum(LAUNCHES.values()) >= before + 2
+
+
+def _hx(cell, *shape, h=H, dtype=torch.float32):
+    t = [torch.randn(*shape, h, dtype=dtype) for _ in range(2 if cell == "lstm" else 1)]
+    return tuple(t) if cell == "lstm" else t[0]
+
+
+BAD = {
+    "3d-input": lambda c: (torch.randn(2, B, I), None),
+    "wrong-input-size": lambda c: (torch.randn(B, I + 1), None),
+    "wrong-input-size-1d": lambda c: (torch.randn(I + 1), None),
+    "hx-batch": lambda c: (torch.randn(B, I), _hx(c, B - 1)),
+    "hx-size": lambda c: (torch.randn(B, I), _hx(c, B, h=H - 1)),
+    "hx-3d": lambda c: (torch.randn(B, I), _hx(c, 1, B)),
+    "hx-1d-for-2d-input": lambda c: (torch.randn(B, I), _hx(c)),
+    "hx-2d-for-1d-input": lambda c: (torch.randn(I), _hx(c, 1)),
+    "input-dtype": lambda c: (torch.randn(B, I, dtype=torch.float64), None),
+    "int-input": lambda c: (torch.randint(0, 2, (B, I)), None),
+    "hx-dtype": lambda c: (torch.randn(B, I), _hx(c, B, dtype=torch.float64)),
+}
+
+
+@pytest.mark.parametrize("cell,case", list(itertools.product(CELLS, BAD)))
+def test_cell_bad_input_raises_like_torch(cell, case):
+    fast, ref = _pair(cell)
+    inp, hx = BAD[case](cell)
+    with pytest.raises(Exception) as want:
+        ref(inp, hx)
+    before = [p.detach().clone() for p in fast.parameters()]
+    with pytest.raises(want.type) as got:
+        fast(inp, hx)
+    assert str(got.value) == str(want.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, fast.parameters()))
+
+
+def test_rnn_cell_unknown_nonlinearity_raises_at_forward_like_torch():
+    ref = nn.RNNCell(I, H, nonlinearity="gelu")
+    fast = fastrnn.RNNCell(I, H, nonlinearity="gelu")
+    x = torch.randn(B, I)
+    with pytest.raises(RuntimeError) as want:
+        ref(x)
+    with pytest.raises(RuntimeError) as got:
+        fast(x)
+    assert str(got.value) == str(want.value)
+    assert repr(fast) == repr(ref)
