@@ -36,6 +36,26 @@ def _scalar_type(dtype: torch.dtype) -> str:
     return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
 
 
+def _check_packed(data: torch.Tensor, batch_sizes: torch.Tensor) -> None:
+    """A hand-built PackedSequence that the packing functions could not have produced: torch.nn
+    fails on these inside ATen, with accidental messages; fastrnn names the problem (same
+    exception class; ATen's own message where it is deterministic)."""
+    if batch_sizes.dtype != torch.int64:
+        raise RuntimeError(f"expected scalar type Long but found {_scalar_type(batch_sizes.dtype)}")
+    if batch_sizes.dim() != 1:
+        raise RuntimeError(f"batch_sizes must be 1-D, got {batch_sizes.dim()}-D")
+    sizes = batch_sizes.tolist()
+    if sizes and (sizes[0] < 0 or any(b > a for a, b in zip(sizes, sizes[1:]))
+                  or sizes[-1] < 0):
+        raise RuntimeError(f"batch_sizes must be non-negative and non-increasing, got {sizes}")
+    offset = 0
+    for size in sizes:  # torch.nn slices data step by step and fails where it runs out
+        if data.dim() >= 1 and offset + size > data.size(0):
+            raise RuntimeError(f"start ({offset}) + length ({size}) exceeds dimension size "
+                               f"({data.size(0)}).")
+        offset += size
+
+
 class _RNNBase(nn.RNNBase):
     """What fastrnn's RNN, LSTM and GRU share: the forward pass."""
 
@@ -76,6 +96,7 @@ class _RNNBase(nn.RNNBase):
 
         if isinstance(orig_input, PackedSequence):
             input, batch_sizes, sorted_indices, unsorted_indices = input
+            _check_packed(input, batch_sizes)
             max_batch_size = int(batch_sizes[0])
             if hx is None:
                 hx = (zeros(real_hidden_size), zeros(self.hidden_size)) if is_lstm else zeros(

@@ -74,7 +74,9 @@ def _recurrence_fwd_persistent_kernel(
         t = s + i_d * (T - 1 - 2 * s)  # direction 0 walks forward, direction 1 backward
         t64 = t.to(tl.int64)
         p_x = xg_ptr + t64 * stride_xt + ob64[:, None] * stride_xb + i_d * (G * H) + o_h[None, :]
-        b_hw = h.to(W_DTYPE)
+        # Padding lanes are zeroed in every operand: an inf in a real lane times a zero weight
+        # in a padding column would otherwise leave NaN there, and the next product spreads it.
+        b_hw = tl.where(m_bp, h, 0.0).to(W_DTYPE)
         a0 = tl.load(p_x, mask=m_bh, other=0.0).to(ACC) + tl.dot(
             b_hw, b_w0, input_precision=PRECISION).to(ACC)
         p_row = (t64 * B + ob64)[:, None] * D + i_d  # row of the saved-activation tensors
@@ -87,7 +89,8 @@ def _recurrence_fwd_persistent_kernel(
                 b_hw, b_w3, input_precision=PRECISION).to(ACC)
             i, f, g, o, c_new, r = lstm_fwd_pointwise(a0, a1, a2, a3, c)
             if HAS_PROJ:
-                h_new = tl.dot(r.to(W_DTYPE), b_wr, input_precision=PRECISION).to(ACC)
+                h_new = tl.dot(tl.where(m_bh, r, 0.0).to(W_DTYPE), b_wr,
+                               input_precision=PRECISION).to(ACC)
             else:
                 h_new = r
             if HAS_LENGTHS:
@@ -207,7 +210,8 @@ def _recurrence_bwd_persistent_kernel(
         p_dg = dgx_ptr + p_row * (G * H) + o_h[None, :]
         if CELL == LSTM:
             if HAS_PROJ:
-                dr = tl.dot(dh.to(W_DTYPE), b_wr, input_precision=PRECISION).to(ACC)
+                dr = tl.dot(tl.where(m_bp, dh, 0.0).to(W_DTYPE), b_wr,
+                            input_precision=PRECISION).to(ACC)
             else:
                 dr = dh
             p_g = gates_ptr + p_row * (NSAVE * H) + o_h[None, :]
@@ -219,10 +223,11 @@ def _recurrence_bwd_persistent_kernel(
             c_prev = tl.where(has_prev, tl.load(cell_ptr + p_row_prev * H + o_h[None, :],
                                                 mask=m_bh & has_prev, other=0.0).to(ACC), b_c0)
             di, df, dg, do, dc_prev = lstm_bwd_pointwise(dr, dc_c, i, f, g, o, c_t, c_prev)
-            di = tl.where(act, di, 0.0)
-            df = tl.where(act, df, 0.0)
-            dg = tl.where(act, dg, 0.0)
-            do = tl.where(act, do, 0.0)
+            act_h = act & m_h[None, :]  # inactive rows and padding lanes: zero
+            di = tl.where(act_h, di, 0.0)
+            df = tl.where(act_h, df, 0.0)
+            dg = tl.where(act_h, dg, 0.0)
+            do = tl.where(act_h, do, 0.0)
             tl.store(p_dg, di.to(G_DTYPE), mask=m_bh)
             tl.store(p_dg + H, df.to(G_DTYPE), mask=m_bh)
             tl.store(p_dg + 2 * H, dg.to(G_DTYPE), mask=m_bh)
@@ -242,10 +247,11 @@ def _recurrence_bwd_persistent_kernel(
                 y_ptr + t_prev * stride_yt + ob64[:, None] * stride_yb + i_d * P + o_p[None, :],
                 mask=m_bp & has_prev, other=0.0).to(ACC), b_h0)
             dr, dz, dnx, dnh, dh_z = gru_bwd_pointwise(dh, r, z, n, hn, h_prev)
-            dr = tl.where(act, dr, 0.0)
-            dz = tl.where(act, dz, 0.0)
-            dnx = tl.where(act, dnx, 0.0)
-            dnh = tl.where(act, dnh, 0.0)
+            act_h = act & m_h[None, :]
+            dr = tl.where(act_h, dr, 0.0)
+            dz = tl.where(act_h, dz, 0.0)
+            dnx = tl.where(act_h, dnx, 0.0)
+            dnh = tl.where(act_h, dnh, 0.0)
             tl.store(p_dg, dr.to(G_DTYPE), mask=m_bh)
             tl.store(p_dg + H, dz.to(G_DTYPE), mask=m_bh)
             tl.store(p_dg + 2 * H, dnx.to(G_DTYPE), mask=m_bh)
@@ -260,7 +266,7 @@ def _recurrence_bwd_persistent_kernel(
         else:
             h_t = tl.load(y_ptr + t64 * stride_yt + ob64[:, None] * stride_yb + i_d * P
                           + o_p[None, :], mask=m_bp, other=0.0).to(ACC)
-            da = tl.where(act, rnn_act_bwd(dh, h_t, CELL), 0.0)
+            da = tl.where(act & m_h[None, :], rnn_act_bwd(dh, h_t, CELL), 0.0)
             tl.store(p_dg, da.to(G_DTYPE), mask=m_bh)
             dh_new = tl.dot(da.to(W_DTYPE), b_w0, input_precision=PRECISION).to(ACC)
         if HAS_PROJ:

@@ -27,7 +27,9 @@ activations saved for backward: gates [T, B, D, NSAVE*H] and cell [T, B, D, H] (
 
 import collections
 import contextlib
+import contextvars
 import os
+import threading
 from typing import Optional
 
 import torch
@@ -52,7 +54,22 @@ LAUNCHES: collections.Counter = collections.Counter()
 # one program. Beyond it the tiles spill out of registers.
 PERSISTENT_MAX_WEIGHTS = 16384
 
-_forced: Optional[str] = None
+# Per thread / task, so one thread's override never leaks into another's.
+_forced: contextvars.ContextVar = contextvars.ContextVar("fastrnn_strategy", default=None)
+
+
+# The Triton interpreter patches triton.language globally while a kernel runs, so two threads
+# must not interpret kernels at once. On a GPU, launches need no lock.
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def _launch(name: str, direction: str, problem) -> None:
+    run = getattr(STRATEGIES[name], "forward" if direction == "fwd" else "backward")
+    if interpreting():
+        with _INTERPRETER_LOCK:
+            LAUNCHES[name, direction] += run(problem)
+    else:
+        LAUNCHES[name, direction] += run(problem)
 
 
 def _check_strategy(name: str) -> str:
@@ -64,13 +81,11 @@ def _check_strategy(name: str) -> str:
 @contextlib.contextmanager
 def force_strategy(name: Optional[str]):
     """Run every recurrence inside the block with strategy ``name`` (None: automatic)."""
-    global _forced
-    previous = _forced
-    _forced = None if name is None else _check_strategy(name)
+    token = _forced.set(None if name is None else _check_strategy(name))
     try:
         yield
     finally:
-        _forced = previous
+        _forced.reset(token)
 
 
 def _block(n: int) -> int:
@@ -81,7 +96,7 @@ def _block(n: int) -> int:
 def select_strategy(mode: int, H: int, P: int, B: int, dtype: torch.dtype,
                     device: torch.device, has_proj: bool) -> str:
     """The one place that picks a strategy for a problem."""
-    forced = _forced or os.environ.get("FASTRNN_STRATEGY") or None
+    forced = _forced.get() or os.environ.get("FASTRNN_STRATEGY") or None
     if forced:
         return _check_strategy(forced)
     weights = _modes.NUM_GATES[mode] * _block(H) * _block(P)
@@ -169,7 +184,7 @@ def recurrence(x: Tensor, w_ih: Tensor, b_x: Optional[Tensor], h0: Tensor, c0: O
     f.cell_dtype = f.acc_dtype
     f.save = save
     name = select_strategy(mode, f.H, f.P, f.B, w_hh.dtype, x.device, f.has_proj)
-    LAUNCHES[name, "fwd"] += STRATEGIES[name].forward(f)
+    _launch(name, "fwd", f)
     return y, hn, cn, gates, cell
 
 
@@ -216,7 +231,7 @@ def recurrence_backward(dy: Tensor, dhn: Tensor, dcn: Optional[Tensor], y: Tenso
     b.dhp = dhp if dhp.numel() else dgx
     b.dh0, b.dc0 = dh0, (dc0 if dc0.numel() else dh0)
     name = select_strategy(mode, b.H, b.P, b.B, w_hh.dtype, dy.device, b.has_proj)
-    LAUNCHES[name, "bwd"] += STRATEGIES[name].backward(b)
+    _launch(name, "bwd", b)
     return dgx, dgh, dhp, dh0, dc0
 
 

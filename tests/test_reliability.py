@@ -1,0 +1,200 @@
+"""Reliability: hostile PackedSequences, NaN/Inf in states, determinism, steady memory over a long
+training loop, threads and CUDA streams, 64-bit offsets and very long sequences (GPU)."""
+
+import gc
+import math
+import threading
+
+import pytest
+import torch
+from torch.nn.utils.rnn import PackedSequence
+
+import fastrnn
+from tests.parity import DEVICE, assert_parity, make_inputs, make_pair, run
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+I, H = 4, 6
+
+
+def _packed(data_rows, batch_sizes, dtype=torch.int64):
+    return PackedSequence(torch.randn(data_rows, I), torch.tensor(batch_sizes, dtype=dtype))
+
+
+MISUSE = {  # case -> (packed input, exception class, fastrnn's message)
+    "increasing-batch-sizes": (lambda: _packed(5, [2, 3]), RuntimeError,
+                               "batch_sizes must be non-negative and non-increasing, got [2, 3]"),
+    "too-few-rows": (lambda: _packed(4, [3, 2]), RuntimeError,
+                     "start (3) + length (2) exceeds dimension size (4)."),
+    "int32-batch-sizes": (lambda: _packed(5, [3, 2], torch.int32), RuntimeError,
+                          "expected scalar type Long but found Int"),
+    "3d-data": (lambda: PackedSequence(torch.randn(5, 1, I), torch.tensor([3, 2])), RuntimeError,
+                "input must have 2 dimensions, got 3"),
+}
+
+
+@pytest.mark.parametrize("cell", ["RNN", "LSTM", "GRU"])
+@pytest.mark.parametrize("case", list(MISUSE))
+def test_packed_sequence_misuse(cell, case):
+    """torch.nn fails on these deep inside ATen (or reads garbage); fastrnn raises the same class
+    with a message that names the problem, and changes nothing."""
+    fast, ref = make_pair(cell, I, H)
+    make, cls, msg = MISUSE[case]
+    packed = make()
+    with pytest.raises(cls):
+        ref(packed)
+    before = [p.detach().clone() for p in fast.parameters()]
+    data_before = packed.data.clone()
+    with pytest.raises(cls) as got:
+        fast(packed)
+    assert str(got.value) == msg
+    assert all(torch.equal(a, b) for a, b in zip(before, fast.parameters()))
+    assert torch.equal(packed.data, data_before)
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+@pytest.mark.parametrize("rows,batch_sizes", [(6, [3, 2]), (3, [3, 0])],
+                         ids=["extra-rows", "zero-size-step"])
+def test_packed_sequences_torch_accepts_give_the_same_result(cell, rows, batch_sizes):
+    fast, ref = make_pair(cell, I, H)
+    packed = _packed(rows, batch_sizes)
+    got, want = fast(packed), ref(packed)
+    torch.testing.assert_close(got[0].data, want[0].data, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("cell", ["RNN", "LSTM", "GRU"])
+def test_nan_and_inf_in_states_propagate_like_torch(cell):
+    fast, ref = make_pair(cell, I, H, num_layers=2, bidirectional=True)
+    x = torch.randn(4, 3, I, device=DEVICE)
+    h0 = torch.randn(4, 3, H, device=DEVICE)
+    h0[0, 1, 2] = math.nan
+    h0[3, 0, 0] = math.inf
+    hx = (h0, torch.randn(4, 3, H, device=DEVICE)) if cell == "LSTM" else h0
+    if cell == "LSTM":
+        hx[1][1, 2, 1] = -math.inf
+    with torch.no_grad():
+        got, want = fast(x, hx), ref(x, hx)
+    torch.testing.assert_close(got[0], want[0], equal_nan=True, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["persistent", "stepwise"])
+def test_bitwise_deterministic(strategy):
+    """Same inputs, bitwise-identical outputs and gradients, run after run (no atomics)."""
+    fast, ref = make_pair("LSTM", I, H, num_layers=2, bidirectional=True, proj_size=3)
+    build, leaves = make_inputs(ref, "packed_unsorted", 5, 3, with_hx=True)
+    results = []
+    for _ in range(3):
+        for p in fast.parameters():
+            p.grad = None
+        with fastrnn.force_strategy(strategy):
+            results.append(run(fast, build, leaves))
+    for other in results[1:]:
+        for key in results[0]:
+            assert torch.equal(results[0][key], other[key]), key
+
+
+def _live_tensors():
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_training_loop_holds_steady_memory(cell):
+    """A long training loop keeps no reference to anything per step: the number of live tensors
+    (and on a GPU the allocated bytes) stay flat."""
+    steps = 1000 if DEVICE == "cuda" else 150
+    torch.manual_seed(0)
+    model = getattr(fastrnn, cell)(3, 4, num_layers=2, bidirectional=True).to(DEVICE)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(3, 2, 3, device=DEVICE)
+    marks = {}
+    for step in range(steps):
+        opt.zero_grad()
+        out, _ = model(x)
+        out.pow(2).mean().backward()
+        opt.step()
+        if step in (steps // 5, steps - 1):
+            mem = torch.cuda.memory_allocated() if DEVICE == "cuda" else 0
+            marks[step] = (_live_tensors(), mem)
+    first, last = marks[steps // 5], marks[steps - 1]
+    assert last == first
+
+
+def test_threads_give_sequential_results():
+    """Two Python threads running fastrnn layers at once give the results of sequential runs
+    (and one thread's force_strategy does not leak into the other)."""
+    pairs = [make_pair(c, I, H, num_layers=2) for c in ("LSTM", "GRU")]
+    inputs = [make_inputs(ref, "padded", 4, 3, with_hx=True) for _, ref in pairs]
+    sequential = [run(fast, *inp) for (fast, _), inp in zip(pairs, inputs)]
+    for fast, _ in pairs:
+        for p in fast.parameters():
+            p.grad = None
+    results, errors = [None, None], []
+
+    def work(i, strategy):
+        try:
+            with fastrnn.force_strategy(strategy):
+                results[i] = run(pairs[i][0], *inputs[i])
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i, s))
+               for i, s in enumerate(("stepwise", "persistent"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for got, want in zip(results, sequential):
+        assert_parity(got, want, atol=1e-6, rtol=1e-6)
+
+
+# --- GPU ---------------------------------------------------------------------------------------
+
+@gpu
+@pytest.mark.gpu
+def test_two_cuda_streams_match_sequential():
+    torch.manual_seed(0)
+    models = [fastrnn.LSTM(64, 128, num_layers=2).cuda(), fastrnn.GRU(64, 128).cuda()]
+    xs = [torch.randn(200, 16, 64, device="cuda") for _ in models]
+    want = [m(x)[0] for m, x in zip(models, xs)]
+    streams = [torch.cuda.Stream() for _ in models]
+    torch.cuda.synchronize()
+    outs = [None, None]
+    for i, (m, x, s) in enumerate(zip(models, xs, streams)):
+        with torch.cuda.stream(s):
+            outs[i] = m(x)[0]
+    torch.cuda.synchronize()
+    for a, b in zip(outs, want):
+        assert torch.equal(a, b)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
+def test_very_long_sequence_matches_torch(cell):
+    fast, ref = make_pair(cell, 8, 16)
+    x = torch.randn(100_000, 4, 8, device="cuda")
+    with torch.no_grad():
+        got, want = fast(x), ref(x)
+    torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_large_batch_and_64bit_offsets():
+    """T*B*4H beyond 2^31 elements: offsets must be 64-bit."""
+    fast, ref = make_pair("LSTM", 16, 64)
+    fast.half()
+    ref.half()
+    T, B = 2100, 4096
+    assert T * B * 4 * 64 > 2**31
+    x = torch.randn(T, B, 16, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        got = fast(x)[0]
+        want = ref(x)[0]
+    for t in (0, T // 2, T - 1):
+        torch.testing.assert_close(got[t], want[t], atol=2e-2, rtol=2e-2)
