@@ -31,6 +31,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fastrnn import _modes  # noqa: E402
+from fastrnn.ops import cooperative  # noqa: E402
 from fastrnn.ops import recurrence as rec  # noqa: E402
 
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
@@ -49,7 +50,8 @@ class Compiler:
         names = [p.name for p in fn.params]
         bound = dict(zip(names, args))
         bound.update({k: v for k, v in kwargs.items() if k in names})
-        options = {k: v for k, v in kwargs.items() if k not in names and k in ("num_warps", "num_stages")}
+        options = {k: v for k, v in kwargs.items()
+                   if k not in names and k in ("num_warps", "num_stages", "launch_cooperative_grid")}
         signature, constexprs = {}, {}
         for p in fn.params:
             v = bound[p.name]
@@ -130,13 +132,16 @@ def main():
     compiler = Compiler(a.arch)
     JITFunction.run = lambda self, *args, grid, warmup, **kw: compiler.run(self, args, kw)
     rec.dot_precision = lambda dtype, device: "tf32" if dtype == torch.float32 else "ieee"
+    cooperative.sm_count = lambda device: 132  # plan grids for an H100 / H200
     names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
     dtypes = [names[d] for d in (a.dtypes.split(",") if a.dtypes else
                                  (["fp32", "fp16"] if a.quick else list(names)))]
     lengths_opts = (True,) if a.quick else (False, True)
     for strategy, (label, mode, proj, bias), dtype, lengths in itertools.product(
-            ("persistent", "stepwise"), CONFIGS, dtypes, lengths_opts):
-        H = 32 if strategy == "persistent" else 80
+            ("persistent", "stepwise", "cooperative"), CONFIGS, dtypes, lengths_opts):
+        if strategy == "cooperative" and proj:
+            continue
+        H = {"persistent": 32, "stepwise": 80, "cooperative": 256}[strategy]
         for save in ((True, False) if strategy == "persistent" else (True,)):
             compiler.label = (f"{strategy}/{label}/{TYPES[dtype]}/"
                               f"{'packed' if lengths else 'padded'}/{'train' if save else 'infer'}")

@@ -2,7 +2,8 @@
 
 The grid covers cell type x layers x direction x layout x bias x proj_size x input kind x hx,
 under each kernel strategy (the persistent kernel runs the whole grid; stepwise runs it for 1 and 2
-layers, since stacking layers is the same code for both).
+layers and cooperative for 1 layer without proj_size, which it does not support: stacking layers
+is the same code for every strategy).
 """
 
 import itertools
@@ -24,16 +25,18 @@ CELLS = {  # id -> (torch.nn class name, extra constructor kwargs)
     "lstm": ("LSTM", {}),
     "gru": ("GRU", {}),
 }
-STRATEGIES = ("persistent", "stepwise")
+STRATEGIES = ("persistent", "stepwise", "cooperative")
 
 
 def _grid():
     for strategy, cell, layers, bidir, batch_first, bias, kind, hx in itertools.product(
             STRATEGIES, CELLS, (1, 2, 3), (False, True), (False, True), (True, False), KINDS,
             (False, True)):
-        if strategy == "stepwise" and layers == 3:
+        # Stacking layers is the same code for every strategy: the persistent grid covers it.
+        if (strategy == "stepwise" and layers == 3) or (strategy == "cooperative" and layers > 1):
             continue
-        for proj in ((0, P) if cell == "lstm" else (0,)):
+        projs = (0, P) if cell == "lstm" and strategy != "cooperative" else (0,)
+        for proj in projs:
             yield pytest.param(
                 strategy, cell, layers, bidir, batch_first, bias, proj, kind, hx,
                 id=f"{strategy}-{cell}-L{layers}-{'bi' if bidir else 'uni'}"

@@ -14,6 +14,8 @@ Strategies (one module each, each with ``forward(problem)`` and ``backward(probl
 
 * ``persistent``: one program per batch tile and direction loops over time (small hidden sizes).
 * ``stepwise``: one launch per step, any size.
+* ``cooperative``: a grid of at most one program per SM shares each recurrence, one grid
+  barrier per step (medium hidden sizes; no proj_size).
 
 ``select_strategy`` picks one; ``force_strategy`` / ``FASTRNN_STRATEGY`` override it.
 
@@ -40,11 +42,12 @@ from torch import Tensor
 
 from .. import _modes
 from ..backend import interpreting
-from . import persistent, stepwise
+from . import cooperative, persistent, stepwise
 
 STRATEGIES = {
     "persistent": persistent,
     "stepwise": stepwise,
+    "cooperative": cooperative,
 }
 
 # Kernel launches per strategy and direction of the pass: lets tests prove the kernels ran.
@@ -93,6 +96,11 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+# The cooperative kernel's grid barrier has only run under the interpreter (one program per
+# group) so far; until it has been validated and timed on a GPU it runs only when asked for.
+COOPERATIVE_VALIDATED = False
+
+
 def select_strategy(mode: int, H: int, P: int, B: int, dtype: torch.dtype,
                     device: torch.device, has_proj: bool) -> str:
     """The one place that picks a strategy for a problem."""
@@ -104,6 +112,9 @@ def select_strategy(mode: int, H: int, P: int, B: int, dtype: torch.dtype,
         weights += _block(H) * _block(P)
     if weights <= PERSISTENT_MAX_WEIGHTS:
         return "persistent"
+    if (COOPERATIVE_VALIDATED and not interpreting()
+            and cooperative.plan(mode, H, P, B, 2, device) is not None):
+        return "cooperative"
     return "stepwise"
 
 

@@ -56,11 +56,12 @@ def _reference(mode, x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths):
     return recurrence_reference(mode, xg, h0, c0, w_hh, b_hn, w_hr, lengths)
 
 
-CASES = list(itertools.product(MODES, (1, 2), (0, 2), ([], [5, 3, 3, 1]), ("persistent", "stepwise")))
+CASES = list(itertools.product(MODES, (1, 2), (0, 2), ([], [5, 3, 3, 1]),
+                               ("persistent", "stepwise", "cooperative")))
 
 
 @pytest.mark.parametrize("mode,D,proj,lengths,strategy", [
-    c for c in CASES if not (c[2] and c[0] != "lstm")],
+    c for c in CASES if not (c[2] and (c[0] != "lstm" or c[4] == "cooperative"))],
     ids=lambda v: str(v) if not isinstance(v, list) else ("packed" if v else "padded"))
 def test_op_matches_reference_fp64(mode, D, proj, lengths, strategy):
     m = MODES[mode]
@@ -93,7 +94,7 @@ def test_op_matches_reference_fp64(mode, D, proj, lengths, strategy):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=1e-12, msg=name)
 
 
-@pytest.mark.parametrize("strategy", ["persistent", "stepwise"])
+@pytest.mark.parametrize("strategy", ["persistent", "stepwise", "cooperative"])
 def test_op_batch_first_layout(strategy):
     """batch_first: the op reads x and writes y through batch-major strides."""
     m = _modes.GRU
@@ -114,6 +115,8 @@ GRADCHECK = [
     ("gru", 1, 0, [], "persistent"),
     ("rnn_tanh", 2, 0, [3, 3], "persistent"),
     ("rnn_relu", 1, 0, [], "stepwise"),
+    ("lstm", 2, 0, [3, 2], "cooperative"),
+    ("gru", 2, 0, [3, 1], "cooperative"),
 ]
 
 
