@@ -111,3 +111,52 @@ def positive(x, o):
     """``x > 0`` for a scalar ``x``, as a block shaped like ``o``: the interpreter cannot combine
     a scalar condition with a block mask."""
     return (o * 0 + x) > 0
+
+
+@triton.jit
+def step_time(s, i_d, T):
+    """Time of forward step ``s``: direction 0 walks forward, direction 1 backward."""
+    return s + i_d * (T - 1 - 2 * s)
+
+
+@triton.jit
+def prev_time(t, i_d, T):
+    """Time of the step before the one at ``t`` (clamped; read only when there is one)."""
+    return tl.minimum(tl.maximum(t - 1 + 2 * i_d, 0), T - 1).to(tl.int64)
+
+
+@triton.jit
+def load_gate_tiles(p, m, gate_stride, G: tl.constexpr):
+    """The G gate tiles of a stacked weight, ``gate_stride`` elements apart (unused ones alias
+    the first and cost nothing)."""
+    w0 = tl.load(p, mask=m, other=0.0)
+    w1 = w0
+    w2 = w0
+    w3 = w0
+    if G >= 3:
+        w1 = tl.load(p + gate_stride, mask=m, other=0.0)
+        w2 = tl.load(p + 2 * gate_stride, mask=m, other=0.0)
+    if G == 4:
+        w3 = tl.load(p + 3 * gate_stride, mask=m, other=0.0)
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def store_gates(p, a, b, c, d, m, H, N: tl.constexpr):
+    """Store N (3 or 4) per-unit blocks H elements apart, cast to the pointer's type."""
+    ty = p.dtype.element_ty
+    tl.store(p, a.to(ty), mask=m)
+    tl.store(p + H, b.to(ty), mask=m)
+    tl.store(p + 2 * H, c.to(ty), mask=m)
+    if N == 4:
+        tl.store(p + 3 * H, d.to(ty), mask=m)
+
+
+@triton.jit
+def load_gates(p, m, H, ACC: tl.constexpr):
+    """The four saved per-unit activations of a step (LSTM i, f, g, o; GRU r, z, n, W_hn h+b)."""
+    a = tl.load(p, mask=m, other=0.0).to(ACC)
+    b = tl.load(p + H, mask=m, other=0.0).to(ACC)
+    c = tl.load(p + 2 * H, mask=m, other=0.0).to(ACC)
+    d = tl.load(p + 3 * H, mask=m, other=0.0).to(ACC)
+    return a, b, c, d

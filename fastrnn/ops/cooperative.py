@@ -25,8 +25,9 @@ import triton.language as tl
 
 from .. import _modes
 from ..backend import interpreting
-from ._jit import (GRU, LSTM, gru_bwd_pointwise, gru_fwd_pointwise, lstm_bwd_pointwise,
-                   lstm_fwd_pointwise, positive, rnn_act, rnn_act_bwd)
+from ._jit import (GRU, LSTM, gru_bwd_pointwise, gru_fwd_pointwise, load_gate_tiles, load_gates,
+                   lstm_bwd_pointwise, lstm_fwd_pointwise, positive, prev_time, rnn_act,
+                   rnn_act_bwd, step_time, store_gates)
 
 
 @triton.jit
@@ -37,15 +38,6 @@ def _grid_barrier(sync_ptr, target):
     while tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu") < target:
         pass
     tl.debug_barrier()
-
-
-@triton.jit
-def _store_gates(p, a, b, c, d, m, H, G: tl.constexpr):
-    tl.store(p, a, mask=m)
-    tl.store(p + H, b, mask=m)
-    tl.store(p + 2 * H, c, mask=m)
-    if G == 4:
-        tl.store(p + 3 * H, d, mask=m)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -84,13 +76,7 @@ def _recurrence_fwd_coop_kernel(
 
     # This program's slice of W_hh[d]: for each gate, the rows of its own units, as [K, own].
     p_w = w_hh_ptr + i_d * (G * H * H) + o_h[None, :] * H + o_k[:, None]
-    m_w = m_k[:, None] & m_h[None, :]
-    b_w0 = tl.load(p_w, mask=m_w, other=0.0)
-    if G >= 3:
-        b_w1 = tl.load(p_w + H * H, mask=m_w, other=0.0)
-        b_w2 = tl.load(p_w + 2 * H * H, mask=m_w, other=0.0)
-    if G == 4:
-        b_w3 = tl.load(p_w + 3 * H * H, mask=m_w, other=0.0)
+    b_w0, b_w1, b_w2, b_w3 = load_gate_tiles(p_w, m_k[:, None] & m_h[None, :], H * H, G)
     if HAS_BHN:
         b_bhn = tl.load(b_hn_ptr + i_d * H + o_h, mask=m_h, other=0.0).to(ACC)[None, :]
 
@@ -104,7 +90,7 @@ def _recurrence_fwd_coop_kernel(
     b_h = tl.load(h0_ptr + p_state * H + o_k[None, :], mask=m_bk, other=0.0).to(W_DTYPE)
 
     for s in range(0, T):
-        t = s + i_d * (T - 1 - 2 * s)
+        t = step_time(s, i_d, T)
         t64 = t.to(tl.int64)
         p_x = xg_ptr + t64 * stride_xt + ob64[:, None] * stride_xb + i_d * (G * H) + o_h[None, :]
         p_row = (t64 * B + ob64)[:, None] * D + i_d
@@ -123,11 +109,7 @@ def _recurrence_fwd_coop_kernel(
             else:
                 c = c_new
             if SAVE:
-                p_g = gates_ptr + p_row * (NSAVE * H) + o_h[None, :]
-                tl.store(p_g, i.to(gates_ptr.dtype.element_ty), mask=m_bh)
-                tl.store(p_g + H, f.to(gates_ptr.dtype.element_ty), mask=m_bh)
-                tl.store(p_g + 2 * H, g.to(gates_ptr.dtype.element_ty), mask=m_bh)
-                tl.store(p_g + 3 * H, o.to(gates_ptr.dtype.element_ty), mask=m_bh)
+                store_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], i, f, g, o, m_bh, H, 4)
                 tl.store(cell_ptr + p_row * H + o_h[None, :], c.to(cell_ptr.dtype.element_ty),
                          mask=m_bh)
         elif CELL == GRU:
@@ -139,11 +121,8 @@ def _recurrence_fwd_coop_kernel(
             xn = tl.load(p_x + 2 * H, mask=m_bh, other=0.0).to(ACC)
             r, z, n, h_new = gru_fwd_pointwise(a0, a1, xn, hn, h_own)
             if SAVE:
-                p_g = gates_ptr + p_row * (NSAVE * H) + o_h[None, :]
-                tl.store(p_g, r.to(gates_ptr.dtype.element_ty), mask=m_bh)
-                tl.store(p_g + H, z.to(gates_ptr.dtype.element_ty), mask=m_bh)
-                tl.store(p_g + 2 * H, n.to(gates_ptr.dtype.element_ty), mask=m_bh)
-                tl.store(p_g + 3 * H, hn.to(gates_ptr.dtype.element_ty), mask=m_bh)
+                store_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], r, z, n, hn, m_bh,
+                            H, 4)
         else:
             h_new = rnn_act(a0, CELL)
         h_new = h_new.to(Y_DTYPE).to(ACC)
@@ -202,13 +181,7 @@ def _recurrence_bwd_coop_kernel(
 
     # The columns of W_hh[d] for the own units, per gate as [K, own]: dh[:, own] = dG @ W[:, own].
     p_w = w_hh_ptr + i_d * (G * H * H) + o_k[:, None] * H + o_h[None, :]
-    m_w = m_k[:, None] & m_h[None, :]
-    b_w0 = tl.load(p_w, mask=m_w, other=0.0)
-    if G >= 3:
-        b_w1 = tl.load(p_w + H * H, mask=m_w, other=0.0)
-        b_w2 = tl.load(p_w + 2 * H * H, mask=m_w, other=0.0)
-    if G == 4:
-        b_w3 = tl.load(p_w + 3 * H * H, mask=m_w, other=0.0)
+    b_w0, b_w1, b_w2, b_w3 = load_gate_tiles(p_w, m_k[:, None] & m_h[None, :], H * H, G)
 
     p_state = (i_d * B + ob64)[:, None]
     dh_c = tl.load(dhn_ptr + p_state * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
@@ -222,10 +195,10 @@ def _recurrence_bwd_coop_kernel(
 
     for k in range(0, T):
         s = T - 1 - k
-        t = s + i_d * (T - 1 - 2 * s)
+        t = step_time(s, i_d, T)
         t64 = t.to(tl.int64)
         has_prev = positive(s, o_b)[:, None]
-        t_prev = tl.minimum(tl.maximum(t - 1 + 2 * i_d, 0), T - 1).to(tl.int64)
+        t_prev = prev_time(t, i_d, T)
         p_row = (t64 * B + ob64)[:, None] * D + i_d
         p_row_prev = (t_prev * B + ob64)[:, None] * D + i_d
         dh = dh_c + tl.load(dy_ptr + t64 * stride_dyt + ob64[:, None] * stride_dyb + i_d * H
@@ -237,41 +210,31 @@ def _recurrence_bwd_coop_kernel(
         p_dg = dgx_ptr + p_row * (G * H) + o_h[None, :]
         p_buf = gbuf_ptr + ((k % 2) * D + i_d) * B * (G * H) + ob64[:, None] * (G * H)
         if CELL == LSTM:
-            p_g = gates_ptr + p_row * (NSAVE * H) + o_h[None, :]
-            i = tl.load(p_g, mask=m_bh, other=0.0).to(ACC)
-            f = tl.load(p_g + H, mask=m_bh, other=0.0).to(ACC)
-            g = tl.load(p_g + 2 * H, mask=m_bh, other=0.0).to(ACC)
-            o = tl.load(p_g + 3 * H, mask=m_bh, other=0.0).to(ACC)
+            i, f, g, o = load_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], m_bh, H, ACC)
             c_t = tl.load(cell_ptr + p_row * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
             c_prev = tl.where(has_prev, tl.load(cell_ptr + p_row_prev * H + o_h[None, :],
                                                 mask=m_bh & has_prev, other=0.0).to(ACC), b_c0)
             di, df, dg, do, dc_prev = lstm_bwd_pointwise(dh, dc_c, i, f, g, o, c_t, c_prev)
-            di = tl.where(act, di, 0.0).to(G_DTYPE)
-            df = tl.where(act, df, 0.0).to(G_DTYPE)
-            dg = tl.where(act, dg, 0.0).to(G_DTYPE)
-            do = tl.where(act, do, 0.0).to(G_DTYPE)
-            _store_gates(p_dg, di, df, dg, do, m_bh, H, G)
-            _store_gates(p_buf + o_h[None, :], di, df, dg, do, m_bh, H, G)
+            di = tl.where(act, di, 0.0)
+            df = tl.where(act, df, 0.0)
+            dg = tl.where(act, dg, 0.0)
+            do = tl.where(act, do, 0.0)
+            store_gates(p_dg, di, df, dg, do, m_bh, H, G)
+            store_gates(p_buf + o_h[None, :], di, df, dg, do, m_bh, H, G)
             dc_c = tl.where(act, dc_prev, dc_c)
             keep = tl.where(act, 0.0, 1.0)
         elif CELL == GRU:
-            p_g = gates_ptr + p_row * (NSAVE * H) + o_h[None, :]
-            r = tl.load(p_g, mask=m_bh, other=0.0).to(ACC)
-            z = tl.load(p_g + H, mask=m_bh, other=0.0).to(ACC)
-            n = tl.load(p_g + 2 * H, mask=m_bh, other=0.0).to(ACC)
-            hn = tl.load(p_g + 3 * H, mask=m_bh, other=0.0).to(ACC)
+            r, z, n, hn = load_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], m_bh, H, ACC)
             h_prev = tl.where(has_prev, tl.load(
                 y_ptr + t_prev * stride_yt + ob64[:, None] * stride_yb + i_d * H + o_h[None, :],
                 mask=m_bh & has_prev, other=0.0).to(ACC), b_h0)
             dr, dz, dnx, dnh, _ = gru_bwd_pointwise(dh, r, z, n, hn, h_prev)
-            dr = tl.where(act, dr, 0.0).to(G_DTYPE)
-            dz = tl.where(act, dz, 0.0).to(G_DTYPE)
-            dnh = tl.where(act, dnh, 0.0).to(G_DTYPE)
-            tl.store(p_dg, dr, mask=m_bh)
-            tl.store(p_dg + H, dz, mask=m_bh)
-            tl.store(p_dg + 2 * H, tl.where(act, dnx, 0.0).to(G_DTYPE), mask=m_bh)
-            _store_gates(dgh_ptr + p_row * (G * H) + o_h[None, :], dr, dz, dnh, dnh, m_bh, H, G)
-            _store_gates(p_buf + o_h[None, :], dr, dz, dnh, dnh, m_bh, H, G)
+            dr = tl.where(act, dr, 0.0)
+            dz = tl.where(act, dz, 0.0)
+            dnh = tl.where(act, dnh, 0.0)
+            store_gates(p_dg, dr, dz, tl.where(act, dnx, 0.0), dnh, m_bh, H, 3)
+            store_gates(dgh_ptr + p_row * (G * H) + o_h[None, :], dr, dz, dnh, dnh, m_bh, H, G)
+            store_gates(p_buf + o_h[None, :], dr, dz, dnh, dnh, m_bh, H, G)
             keep = tl.where(act, z, 1.0)
         else:
             h_t = tl.load(y_ptr + t64 * stride_yt + ob64[:, None] * stride_yb + i_d * H

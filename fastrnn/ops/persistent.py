@@ -13,8 +13,9 @@ the gate pre-activations; the weight gradients are whole-sequence GEMMs afterwar
 import triton
 import triton.language as tl
 
-from ._jit import (GRU, LSTM, gru_bwd_pointwise, gru_fwd_pointwise, lstm_bwd_pointwise,
-                   lstm_fwd_pointwise, positive, rnn_act, rnn_act_bwd)
+from ._jit import (GRU, LSTM, gru_bwd_pointwise, gru_fwd_pointwise, load_gate_tiles, load_gates,
+                   lstm_bwd_pointwise, lstm_fwd_pointwise, positive, prev_time, rnn_act,
+                   rnn_act_bwd, step_time, store_gates)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -49,13 +50,7 @@ def _recurrence_fwd_persistent_kernel(
 
     # Gate k of W_hh[d] as a [P, H] tile: the K x N operand of h @ W_hh^T.
     p_w = w_hh_ptr + i_d * (G * H * P) + o_h[None, :] * P + o_p[:, None]
-    m_w = m_p[:, None] & m_h[None, :]
-    b_w0 = tl.load(p_w, mask=m_w, other=0.0)
-    if G >= 3:
-        b_w1 = tl.load(p_w + H * P, mask=m_w, other=0.0)
-        b_w2 = tl.load(p_w + 2 * H * P, mask=m_w, other=0.0)
-    if G == 4:
-        b_w3 = tl.load(p_w + 3 * H * P, mask=m_w, other=0.0)
+    b_w0, b_w1, b_w2, b_w3 = load_gate_tiles(p_w, m_p[:, None] & m_h[None, :], H * P, G)
     if HAS_PROJ:
         # W_hr[d] is [P, H]; as an [H, P] tile for r @ W_hr^T.
         b_wr = tl.load(w_hr_ptr + i_d * (P * H) + o_p[None, :] * H + o_h[:, None],
@@ -71,7 +66,7 @@ def _recurrence_fwd_persistent_kernel(
         b_len = tl.load(len_ptr + o_b, mask=m_b, other=0)
 
     for s in range(0, T):
-        t = s + i_d * (T - 1 - 2 * s)  # direction 0 walks forward, direction 1 backward
+        t = step_time(s, i_d, T)
         t64 = t.to(tl.int64)
         p_x = xg_ptr + t64 * stride_xt + ob64[:, None] * stride_xb + i_d * (G * H) + o_h[None, :]
         # Padding lanes are zeroed in every operand: an inf in a real lane times a zero weight
@@ -98,11 +93,7 @@ def _recurrence_fwd_persistent_kernel(
             else:
                 c = c_new
             if SAVE:
-                p_g = gates_ptr + p_row * (NSAVE * H) + o_h[None, :]
-                tl.store(p_g, i.to(gates_ptr.dtype.element_ty), mask=m_bh)
-                tl.store(p_g + H, f.to(gates_ptr.dtype.element_ty), mask=m_bh)
-                tl.store(p_g + 2 * H, g.to(gates_ptr.dtype.element_ty), mask=m_bh)
-                tl.store(p_g + 3 * H, o.to(gates_ptr.dtype.element_ty), mask=m_bh)
+                store_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], i, f, g, o, m_bh, H, 4)
                 # The carried state: backward reads it as the cell state before the next step.
                 tl.store(cell_ptr + p_row * H + o_h[None, :], c.to(cell_ptr.dtype.element_ty),
                          mask=m_bh)
@@ -115,11 +106,8 @@ def _recurrence_fwd_persistent_kernel(
             xn = tl.load(p_x + 2 * H, mask=m_bh, other=0.0).to(ACC)
             r, z, n, h_new = gru_fwd_pointwise(a0, a1, xn, hn, h)
             if SAVE:
-                p_g = gates_ptr + p_row * (NSAVE * H) + o_h[None, :]
-                tl.store(p_g, r.to(gates_ptr.dtype.element_ty), mask=m_bh)
-                tl.store(p_g + H, z.to(gates_ptr.dtype.element_ty), mask=m_bh)
-                tl.store(p_g + 2 * H, n.to(gates_ptr.dtype.element_ty), mask=m_bh)
-                tl.store(p_g + 3 * H, hn.to(gates_ptr.dtype.element_ty), mask=m_bh)
+                store_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], r, z, n, hn, m_bh,
+                            H, 4)
         else:
             h_new = rnn_act(a0, CELL)
         # The state is stored, and carried, at the precision of the layer's dtype.
@@ -170,13 +158,7 @@ def _recurrence_bwd_persistent_kernel(
 
     # Gate k of W_hh[d] as an [H, P] tile (its natural layout): the K x N operand of dG @ W_hh.
     p_w = w_hh_ptr + i_d * (G * H * P) + o_h[:, None] * P + o_p[None, :]
-    m_w = m_h[:, None] & m_p[None, :]
-    b_w0 = tl.load(p_w, mask=m_w, other=0.0)
-    if G >= 3:
-        b_w1 = tl.load(p_w + H * P, mask=m_w, other=0.0)
-        b_w2 = tl.load(p_w + 2 * H * P, mask=m_w, other=0.0)
-    if G == 4:
-        b_w3 = tl.load(p_w + 3 * H * P, mask=m_w, other=0.0)
+    b_w0, b_w1, b_w2, b_w3 = load_gate_tiles(p_w, m_h[:, None] & m_p[None, :], H * P, G)
     if HAS_PROJ:
         # W_hr[d] as its natural [P, H] tile, for dh @ W_hr.
         b_wr = tl.load(w_hr_ptr + i_d * (P * H) + o_p[:, None] * H + o_h[None, :],
@@ -194,11 +176,10 @@ def _recurrence_bwd_persistent_kernel(
 
     for k in range(0, T):
         s = T - 1 - k                      # forward step being undone
-        t = s + i_d * (T - 1 - 2 * s)
+        t = step_time(s, i_d, T)
         t64 = t.to(tl.int64)
         has_prev = positive(s, o_b)[:, None]
-        # Time of the forward step before s (clamped; only read when has_prev).
-        t_prev = tl.minimum(tl.maximum(t - 1 + 2 * i_d, 0), T - 1).to(tl.int64)
+        t_prev = prev_time(t, i_d, T)
         p_row = (t64 * B + ob64)[:, None] * D + i_d
         p_row_prev = (t_prev * B + ob64)[:, None] * D + i_d
         dh = dh_c + tl.load(dy_ptr + t64 * stride_dyt + ob64[:, None] * stride_dyb + i_d * P
@@ -214,11 +195,7 @@ def _recurrence_bwd_persistent_kernel(
                             input_precision=PRECISION).to(ACC)
             else:
                 dr = dh
-            p_g = gates_ptr + p_row * (NSAVE * H) + o_h[None, :]
-            i = tl.load(p_g, mask=m_bh, other=0.0).to(ACC)
-            f = tl.load(p_g + H, mask=m_bh, other=0.0).to(ACC)
-            g = tl.load(p_g + 2 * H, mask=m_bh, other=0.0).to(ACC)
-            o = tl.load(p_g + 3 * H, mask=m_bh, other=0.0).to(ACC)
+            i, f, g, o = load_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], m_bh, H, ACC)
             c_t = tl.load(cell_ptr + p_row * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
             c_prev = tl.where(has_prev, tl.load(cell_ptr + p_row_prev * H + o_h[None, :],
                                                 mask=m_bh & has_prev, other=0.0).to(ACC), b_c0)
@@ -228,21 +205,14 @@ def _recurrence_bwd_persistent_kernel(
             df = tl.where(act_h, df, 0.0)
             dg = tl.where(act_h, dg, 0.0)
             do = tl.where(act_h, do, 0.0)
-            tl.store(p_dg, di.to(G_DTYPE), mask=m_bh)
-            tl.store(p_dg + H, df.to(G_DTYPE), mask=m_bh)
-            tl.store(p_dg + 2 * H, dg.to(G_DTYPE), mask=m_bh)
-            tl.store(p_dg + 3 * H, do.to(G_DTYPE), mask=m_bh)
+            store_gates(p_dg, di, df, dg, do, m_bh, H, 4)
             dh_new = (tl.dot(di.to(W_DTYPE), b_w0, input_precision=PRECISION).to(ACC)
                       + tl.dot(df.to(W_DTYPE), b_w1, input_precision=PRECISION).to(ACC)
                       + tl.dot(dg.to(W_DTYPE), b_w2, input_precision=PRECISION).to(ACC)
                       + tl.dot(do.to(W_DTYPE), b_w3, input_precision=PRECISION).to(ACC))
             dc_c = tl.where(act, dc_prev, dc_c)
         elif CELL == GRU:
-            p_g = gates_ptr + p_row * (NSAVE * H) + o_h[None, :]
-            r = tl.load(p_g, mask=m_bh, other=0.0).to(ACC)
-            z = tl.load(p_g + H, mask=m_bh, other=0.0).to(ACC)
-            n = tl.load(p_g + 2 * H, mask=m_bh, other=0.0).to(ACC)
-            hn = tl.load(p_g + 3 * H, mask=m_bh, other=0.0).to(ACC)
+            r, z, n, hn = load_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], m_bh, H, ACC)
             h_prev = tl.where(has_prev, tl.load(
                 y_ptr + t_prev * stride_yt + ob64[:, None] * stride_yb + i_d * P + o_p[None, :],
                 mask=m_bp & has_prev, other=0.0).to(ACC), b_h0)
@@ -252,13 +222,8 @@ def _recurrence_bwd_persistent_kernel(
             dz = tl.where(act_h, dz, 0.0)
             dnx = tl.where(act_h, dnx, 0.0)
             dnh = tl.where(act_h, dnh, 0.0)
-            tl.store(p_dg, dr.to(G_DTYPE), mask=m_bh)
-            tl.store(p_dg + H, dz.to(G_DTYPE), mask=m_bh)
-            tl.store(p_dg + 2 * H, dnx.to(G_DTYPE), mask=m_bh)
-            p_dgh = dgh_ptr + p_row * (G * H) + o_h[None, :]
-            tl.store(p_dgh, dr.to(G_DTYPE), mask=m_bh)
-            tl.store(p_dgh + H, dz.to(G_DTYPE), mask=m_bh)
-            tl.store(p_dgh + 2 * H, dnh.to(G_DTYPE), mask=m_bh)
+            store_gates(p_dg, dr, dz, dnx, dnx, m_bh, H, 3)
+            store_gates(dgh_ptr + p_row * (G * H) + o_h[None, :], dr, dz, dnh, dnh, m_bh, H, 3)
             dh_new = (tl.dot(dr.to(W_DTYPE), b_w0, input_precision=PRECISION).to(ACC)
                       + tl.dot(dz.to(W_DTYPE), b_w1, input_precision=PRECISION).to(ACC)
                       + tl.dot(dnh.to(W_DTYPE), b_w2, input_precision=PRECISION).to(ACC)

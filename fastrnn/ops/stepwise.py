@@ -13,8 +13,9 @@ Backward, per step in reverse: launch A forms the total dh of the step (dy plus 
 import triton
 import triton.language as tl
 
-from ._jit import (GRU, LSTM, gru_bwd_pointwise, gru_fwd_pointwise, lstm_bwd_pointwise,
-                   lstm_fwd_pointwise, positive, rnn_act, rnn_act_bwd)
+from ._jit import (GRU, LSTM, gru_bwd_pointwise, gru_fwd_pointwise, load_gates,
+                   lstm_bwd_pointwise, lstm_fwd_pointwise, positive, prev_time, rnn_act,
+                   rnn_act_bwd, step_time, store_gates)
 
 
 @triton.jit
@@ -49,9 +50,9 @@ def _recurrence_fwd_step_kernel(
     i_h = tl.program_id(1)
     i_d = tl.program_id(2)
     D = tl.num_programs(2)
-    t = s + i_d * (T - 1 - 2 * s)
+    t = step_time(s, i_d, T)
     t64 = t.to(tl.int64)
-    t_prev = tl.minimum(tl.maximum(t - 1 + 2 * i_d, 0), T - 1).to(tl.int64)
+    t_prev = prev_time(t, i_d, T)
     o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
     o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
     m_b = o_b < B
@@ -102,11 +103,7 @@ def _recurrence_fwd_step_kernel(
         tl.store(cell_ptr + p_row * H + o_h[None, :], c_new.to(cell_ptr.dtype.element_ty),
                  mask=m_bh)
         if SAVE:
-            p_g = gates_ptr + p_row * (NSAVE * H) + o_h[None, :]
-            tl.store(p_g, i.to(gates_ptr.dtype.element_ty), mask=m_bh)
-            tl.store(p_g + H, f.to(gates_ptr.dtype.element_ty), mask=m_bh)
-            tl.store(p_g + 2 * H, g.to(gates_ptr.dtype.element_ty), mask=m_bh)
-            tl.store(p_g + 3 * H, o.to(gates_ptr.dtype.element_ty), mask=m_bh)
+            store_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], i, f, g, o, m_bh, H, 4)
         if HAS_PROJ:
             tl.store(r_ptr + (i_d * B + ob64)[:, None] * H + o_h[None, :],
                      r.to(r_ptr.dtype.element_ty), mask=m_bh)
@@ -125,11 +122,8 @@ def _recurrence_fwd_step_kernel(
             xn = tl.load(p_x + 2 * H, mask=m_bh, other=0.0).to(ACC)
             r, z, n, h_new = gru_fwd_pointwise(a0, a1, xn, hn, h_prev)
             if SAVE:
-                p_g = gates_ptr + p_row * (NSAVE * H) + o_h[None, :]
-                tl.store(p_g, r.to(gates_ptr.dtype.element_ty), mask=m_bh)
-                tl.store(p_g + H, z.to(gates_ptr.dtype.element_ty), mask=m_bh)
-                tl.store(p_g + 2 * H, n.to(gates_ptr.dtype.element_ty), mask=m_bh)
-                tl.store(p_g + 3 * H, hn.to(gates_ptr.dtype.element_ty), mask=m_bh)
+                store_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], r, z, n, hn, m_bh,
+                            H, 4)
         else:
             h_new = rnn_act(a0, CELL)
         tl.store(p_y, tl.where(act, h_new, h_prev).to(Y_DTYPE), mask=m_bh)
@@ -147,9 +141,9 @@ def _projection_step_kernel(
     i_b = tl.program_id(0)
     i_p = tl.program_id(1)
     i_d = tl.program_id(2)
-    t = s + i_d * (T - 1 - 2 * s)
+    t = step_time(s, i_d, T)
     t64 = t.to(tl.int64)
-    t_prev = tl.minimum(tl.maximum(t - 1 + 2 * i_d, 0), T - 1).to(tl.int64)
+    t_prev = prev_time(t, i_d, T)
     o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
     o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
     m_b = o_b < B
@@ -201,8 +195,8 @@ def _recurrence_bwd_step_dh_kernel(
     else:
         s = T - 1 - k
         q = s + 1                          # the forward step undone just before (q == T: none)
-    t = s + i_d * (T - 1 - 2 * s)
-    t_q = q + i_d * (T - 1 - 2 * q)
+    t = step_time(s, i_d, T)
+    t_q = step_time(q, i_d, T)
     tq = tl.minimum(tl.maximum(t_q, 0), T - 1).to(tl.int64)
     o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
     o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -275,9 +269,9 @@ def _recurrence_bwd_step_gates_kernel(
     i_d = tl.program_id(2)
     D = tl.num_programs(2)
     s = T - 1 - k
-    t = s + i_d * (T - 1 - 2 * s)
+    t = step_time(s, i_d, T)
     t64 = t.to(tl.int64)
-    t_prev = tl.minimum(tl.maximum(t - 1 + 2 * i_d, 0), T - 1).to(tl.int64)
+    t_prev = prev_time(t, i_d, T)
     o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
     o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
     m_b = o_b < B
@@ -308,40 +302,27 @@ def _recurrence_bwd_step_gates_kernel(
                      other=0.0).to(ACC)
 
     if CELL == LSTM:
-        p_g = gates_ptr + p_row * (NSAVE * H) + o_h[None, :]
-        i = tl.load(p_g, mask=m_bh, other=0.0).to(ACC)
-        f = tl.load(p_g + H, mask=m_bh, other=0.0).to(ACC)
-        g = tl.load(p_g + 2 * H, mask=m_bh, other=0.0).to(ACC)
-        o = tl.load(p_g + 3 * H, mask=m_bh, other=0.0).to(ACC)
+        i, f, g, o = load_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], m_bh, H, ACC)
         c_t = tl.load(cell_ptr + p_row * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
         c_prev = _load_prev(cell_ptr, B * D * H, D * H, t_prev, c0_ptr, i_d * B, H, s,
                             o_b, o_h, m_bh, i_d, H).to(ACC)
         p_dc = dc_ptr + (i_d * B + ob64)[:, None] * H + o_h[None, :]
         dc = tl.load(p_dc, mask=m_bh, other=0.0)
         di, df, dg, do, dc_prev = lstm_bwd_pointwise(dr, dc, i, f, g, o, c_t, c_prev)
-        tl.store(p_dg, tl.where(act, di, 0.0).to(G_DTYPE), mask=m_bh)
-        tl.store(p_dg + H, tl.where(act, df, 0.0).to(G_DTYPE), mask=m_bh)
-        tl.store(p_dg + 2 * H, tl.where(act, dg, 0.0).to(G_DTYPE), mask=m_bh)
-        tl.store(p_dg + 3 * H, tl.where(act, do, 0.0).to(G_DTYPE), mask=m_bh)
+        store_gates(p_dg, tl.where(act, di, 0.0), tl.where(act, df, 0.0),
+                    tl.where(act, dg, 0.0), tl.where(act, do, 0.0), m_bh, H, 4)
         tl.store(p_dc, tl.where(act, dc_prev, dc), mask=m_bh)
     elif CELL == GRU:
-        p_g = gates_ptr + p_row * (NSAVE * H) + o_h[None, :]
-        r = tl.load(p_g, mask=m_bh, other=0.0).to(ACC)
-        z = tl.load(p_g + H, mask=m_bh, other=0.0).to(ACC)
-        n = tl.load(p_g + 2 * H, mask=m_bh, other=0.0).to(ACC)
-        hn = tl.load(p_g + 3 * H, mask=m_bh, other=0.0).to(ACC)
+        r, z, n, hn = load_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], m_bh, H, ACC)
         h_prev = _load_prev(y_ptr, stride_yt, stride_yb, t_prev, h0_ptr, i_d * B, P, s,
                             o_b, o_h, m_bh, i_d, P).to(ACC)
         d_r, d_z, dnx, dnh, _ = gru_bwd_pointwise(dr, r, z, n, hn, h_prev)
-        d_r = tl.where(act, d_r, 0.0).to(G_DTYPE)
-        d_z = tl.where(act, d_z, 0.0).to(G_DTYPE)
-        tl.store(p_dg, d_r, mask=m_bh)
-        tl.store(p_dg + H, d_z, mask=m_bh)
-        tl.store(p_dg + 2 * H, tl.where(act, dnx, 0.0).to(G_DTYPE), mask=m_bh)
-        p_dgh = dgh_ptr + p_row * (G * H) + o_h[None, :]
-        tl.store(p_dgh, d_r, mask=m_bh)
-        tl.store(p_dgh + H, d_z, mask=m_bh)
-        tl.store(p_dgh + 2 * H, tl.where(act, dnh, 0.0).to(G_DTYPE), mask=m_bh)
+        d_r = tl.where(act, d_r, 0.0)
+        d_z = tl.where(act, d_z, 0.0)
+        dnx = tl.where(act, dnx, 0.0)
+        dnh = tl.where(act, dnh, 0.0)
+        store_gates(p_dg, d_r, d_z, dnx, dnx, m_bh, H, 3)
+        store_gates(dgh_ptr + p_row * (G * H) + o_h[None, :], d_r, d_z, dnh, dnh, m_bh, H, 3)
     else:
         h_t = tl.load(y_ptr + t64 * stride_yt + ob64[:, None] * stride_yb + i_d * P
                       + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
