@@ -160,3 +160,54 @@ def load_gates(p, m, H, ACC: tl.constexpr):
     c = tl.load(p + 2 * H, mask=m, other=0.0).to(ACC)
     d = tl.load(p + 3 * H, mask=m, other=0.0).to(ACC)
     return a, b, c, d
+
+
+@triton.jit
+def recurrent_products(b_h, w0, w1, w2, w3, G: tl.constexpr, ACC: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """h @ W_k^T for each of the G gates (unused ones alias the first)."""
+    q0 = tl.dot(b_h, w0, input_precision=PRECISION).to(ACC)
+    q1 = q0
+    q2 = q0
+    q3 = q0
+    if G >= 3:
+        q1 = tl.dot(b_h, w1, input_precision=PRECISION).to(ACC)
+        q2 = tl.dot(b_h, w2, input_precision=PRECISION).to(ACC)
+    if G == 4:
+        q3 = tl.dot(b_h, w3, input_precision=PRECISION).to(ACC)
+    return q0, q1, q2, q3
+
+
+@triton.jit
+def cell_forward(p_x, q0, q1, q2, q3, h, c, b_hn, m, H, CELL: tl.constexpr,
+                 HAS_BHN: tl.constexpr, ACC: tl.constexpr):
+    """One step of a cell for a tile of hidden units.
+
+    ``q0..q3`` are the recurrent products h @ W_k^T per gate, ``p_x`` points at the gates' input
+    projections, ``h`` and ``c`` are the tile's previous state (``c`` for LSTM; ``h`` for GRU's
+    update), ``b_hn`` GRU's hidden bias of the n gate. Returns ``(h', c', a, b, c, d)`` where
+    a..d are what backward needs (LSTM i, f, g, o; GRU r, z, n, W_hn h + b_hn). For an LSTM h'
+    is o * tanh(c'), before any projection.
+    """
+    a0 = tl.load(p_x, mask=m, other=0.0).to(ACC) + q0
+    if CELL == LSTM:
+        a1 = tl.load(p_x + H, mask=m, other=0.0).to(ACC) + q1
+        a2 = tl.load(p_x + 2 * H, mask=m, other=0.0).to(ACC) + q2
+        a3 = tl.load(p_x + 3 * H, mask=m, other=0.0).to(ACC) + q3
+        s0, s1, s2, s3, c_new, h_new = lstm_fwd_pointwise(a0, a1, a2, a3, c)
+    elif CELL == GRU:
+        a1 = tl.load(p_x + H, mask=m, other=0.0).to(ACC) + q1
+        s3 = q2
+        if HAS_BHN:
+            s3 = s3 + b_hn
+        xn = tl.load(p_x + 2 * H, mask=m, other=0.0).to(ACC)
+        s0, s1, s2, h_new = gru_fwd_pointwise(a0, a1, xn, s3, h)
+        c_new = c
+    else:
+        h_new = rnn_act(a0, CELL)
+        c_new = c
+        s0 = h_new
+        s1 = h_new
+        s2 = h_new
+        s3 = h_new
+    return h_new, c_new, s0, s1, s2, s3

@@ -25,9 +25,9 @@ import triton.language as tl
 
 from .. import _modes
 from ..backend import interpreting
-from ._jit import (GRU, LSTM, gru_bwd_pointwise, gru_fwd_pointwise, load_gate_tiles, load_gates,
-                   lstm_bwd_pointwise, lstm_fwd_pointwise, positive, prev_time, rnn_act,
-                   rnn_act_bwd, step_time, store_gates)
+from ._jit import (GRU, LSTM, cell_forward, gru_bwd_pointwise, load_gate_tiles, load_gates,
+                   lstm_bwd_pointwise, positive, prev_time, recurrent_products, rnn_act_bwd,
+                   step_time, store_gates)
 
 
 @triton.jit
@@ -77,11 +77,13 @@ def _recurrence_fwd_coop_kernel(
     # This program's slice of W_hh[d]: for each gate, the rows of its own units, as [K, own].
     p_w = w_hh_ptr + i_d * (G * H * H) + o_h[None, :] * H + o_k[:, None]
     b_w0, b_w1, b_w2, b_w3 = load_gate_tiles(p_w, m_k[:, None] & m_h[None, :], H * H, G)
+    b_bhn = 0.0
     if HAS_BHN:
         b_bhn = tl.load(b_hn_ptr + i_d * H + o_h, mask=m_h, other=0.0).to(ACC)[None, :]
 
     p_state = (i_d * B + ob64)[:, None]
     h_own = tl.load(h0_ptr + p_state * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
+    c = h_own  # only an LSTM has a cell state
     if CELL == LSTM:
         c = tl.load(c0_ptr + p_state * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
     if HAS_LENGTHS:
@@ -94,37 +96,20 @@ def _recurrence_fwd_coop_kernel(
         t64 = t.to(tl.int64)
         p_x = xg_ptr + t64 * stride_xt + ob64[:, None] * stride_xb + i_d * (G * H) + o_h[None, :]
         p_row = (t64 * B + ob64)[:, None] * D + i_d
-        a0 = tl.load(p_x, mask=m_bh, other=0.0).to(ACC) + tl.dot(
-            b_h, b_w0, input_precision=PRECISION).to(ACC)
+        q0, q1, q2, q3 = recurrent_products(b_h, b_w0, b_w1, b_w2, b_w3, G, ACC, PRECISION)
+        h_new, c_new, s0, s1, s2, s3 = cell_forward(p_x, q0, q1, q2, q3, h_own, c, b_bhn, m_bh,
+                                                    H, CELL, HAS_BHN, ACC)
+        if SAVE and NSAVE > 0:
+            store_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], s0, s1, s2, s3, m_bh, H,
+                        4)
         if CELL == LSTM:
-            a1 = tl.load(p_x + H, mask=m_bh, other=0.0).to(ACC) + tl.dot(
-                b_h, b_w1, input_precision=PRECISION).to(ACC)
-            a2 = tl.load(p_x + 2 * H, mask=m_bh, other=0.0).to(ACC) + tl.dot(
-                b_h, b_w2, input_precision=PRECISION).to(ACC)
-            a3 = tl.load(p_x + 3 * H, mask=m_bh, other=0.0).to(ACC) + tl.dot(
-                b_h, b_w3, input_precision=PRECISION).to(ACC)
-            i, f, g, o, c_new, h_new = lstm_fwd_pointwise(a0, a1, a2, a3, c)
             if HAS_LENGTHS:
                 c = tl.where((t < b_len)[:, None], c_new, c)
             else:
                 c = c_new
             if SAVE:
-                store_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], i, f, g, o, m_bh, H, 4)
                 tl.store(cell_ptr + p_row * H + o_h[None, :], c.to(cell_ptr.dtype.element_ty),
                          mask=m_bh)
-        elif CELL == GRU:
-            a1 = tl.load(p_x + H, mask=m_bh, other=0.0).to(ACC) + tl.dot(
-                b_h, b_w1, input_precision=PRECISION).to(ACC)
-            hn = tl.dot(b_h, b_w2, input_precision=PRECISION).to(ACC)
-            if HAS_BHN:
-                hn = hn + b_bhn
-            xn = tl.load(p_x + 2 * H, mask=m_bh, other=0.0).to(ACC)
-            r, z, n, h_new = gru_fwd_pointwise(a0, a1, xn, hn, h_own)
-            if SAVE:
-                store_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], r, z, n, hn, m_bh,
-                            H, 4)
-        else:
-            h_new = rnn_act(a0, CELL)
         h_new = h_new.to(Y_DTYPE).to(ACC)
         if HAS_LENGTHS:
             h_own = tl.where((t < b_len)[:, None], h_new, h_own)

@@ -13,9 +13,9 @@ the gate pre-activations; the weight gradients are whole-sequence GEMMs afterwar
 import triton
 import triton.language as tl
 
-from ._jit import (GRU, LSTM, gru_bwd_pointwise, gru_fwd_pointwise, load_gate_tiles, load_gates,
-                   lstm_bwd_pointwise, lstm_fwd_pointwise, positive, prev_time, rnn_act,
-                   rnn_act_bwd, step_time, store_gates)
+from ._jit import (GRU, LSTM, cell_forward, gru_bwd_pointwise, load_gate_tiles, load_gates,
+                   lstm_bwd_pointwise, positive, prev_time, recurrent_products, rnn_act_bwd,
+                   step_time, store_gates)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -55,11 +55,13 @@ def _recurrence_fwd_persistent_kernel(
         # W_hr[d] is [P, H]; as an [H, P] tile for r @ W_hr^T.
         b_wr = tl.load(w_hr_ptr + i_d * (P * H) + o_p[None, :] * H + o_h[:, None],
                        mask=m_h[:, None] & m_p[None, :], other=0.0)
+    b_bhn = 0.0
     if HAS_BHN:
         b_bhn = tl.load(b_hn_ptr + i_d * H + o_h, mask=m_h, other=0.0).to(ACC)[None, :]
 
     p_state = (i_d * B + ob64)[:, None]
     h = tl.load(h0_ptr + p_state * P + o_p[None, :], mask=m_bp, other=0.0).to(ACC)
+    c = h  # only an LSTM has a cell state
     if CELL == LSTM:
         c = tl.load(c0_ptr + p_state * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
     if HAS_LENGTHS:
@@ -68,48 +70,29 @@ def _recurrence_fwd_persistent_kernel(
     for s in range(0, T):
         t = step_time(s, i_d, T)
         t64 = t.to(tl.int64)
-        p_x = xg_ptr + t64 * stride_xt + ob64[:, None] * stride_xb + i_d * (G * H) + o_h[None, :]
         # Padding lanes are zeroed in every operand: an inf in a real lane times a zero weight
         # in a padding column would otherwise leave NaN there, and the next product spreads it.
         b_hw = tl.where(m_bp, h, 0.0).to(W_DTYPE)
-        a0 = tl.load(p_x, mask=m_bh, other=0.0).to(ACC) + tl.dot(
-            b_hw, b_w0, input_precision=PRECISION).to(ACC)
+        q0, q1, q2, q3 = recurrent_products(b_hw, b_w0, b_w1, b_w2, b_w3, G, ACC, PRECISION)
+        p_x = xg_ptr + t64 * stride_xt + ob64[:, None] * stride_xb + i_d * (G * H) + o_h[None, :]
+        h_new, c_new, s0, s1, s2, s3 = cell_forward(p_x, q0, q1, q2, q3, h, c, b_bhn, m_bh, H,
+                                                    CELL, HAS_BHN, ACC)
         p_row = (t64 * B + ob64)[:, None] * D + i_d  # row of the saved-activation tensors
+        if SAVE and NSAVE > 0:
+            store_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], s0, s1, s2, s3, m_bh, H,
+                        4)
         if CELL == LSTM:
-            a1 = tl.load(p_x + H, mask=m_bh, other=0.0).to(ACC) + tl.dot(
-                b_hw, b_w1, input_precision=PRECISION).to(ACC)
-            a2 = tl.load(p_x + 2 * H, mask=m_bh, other=0.0).to(ACC) + tl.dot(
-                b_hw, b_w2, input_precision=PRECISION).to(ACC)
-            a3 = tl.load(p_x + 3 * H, mask=m_bh, other=0.0).to(ACC) + tl.dot(
-                b_hw, b_w3, input_precision=PRECISION).to(ACC)
-            i, f, g, o, c_new, r = lstm_fwd_pointwise(a0, a1, a2, a3, c)
             if HAS_PROJ:
-                h_new = tl.dot(tl.where(m_bh, r, 0.0).to(W_DTYPE), b_wr,
+                h_new = tl.dot(tl.where(m_bh, h_new, 0.0).to(W_DTYPE), b_wr,
                                input_precision=PRECISION).to(ACC)
-            else:
-                h_new = r
             if HAS_LENGTHS:
                 c = tl.where((t < b_len)[:, None], c_new, c)
             else:
                 c = c_new
             if SAVE:
-                store_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], i, f, g, o, m_bh, H, 4)
                 # The carried state: backward reads it as the cell state before the next step.
                 tl.store(cell_ptr + p_row * H + o_h[None, :], c.to(cell_ptr.dtype.element_ty),
                          mask=m_bh)
-        elif CELL == GRU:
-            a1 = tl.load(p_x + H, mask=m_bh, other=0.0).to(ACC) + tl.dot(
-                b_hw, b_w1, input_precision=PRECISION).to(ACC)
-            hn = tl.dot(b_hw, b_w2, input_precision=PRECISION).to(ACC)
-            if HAS_BHN:
-                hn = hn + b_bhn
-            xn = tl.load(p_x + 2 * H, mask=m_bh, other=0.0).to(ACC)
-            r, z, n, h_new = gru_fwd_pointwise(a0, a1, xn, hn, h)
-            if SAVE:
-                store_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], r, z, n, hn, m_bh,
-                            H, 4)
-        else:
-            h_new = rnn_act(a0, CELL)
         # The state is stored, and carried, at the precision of the layer's dtype.
         h_new = h_new.to(Y_DTYPE).to(ACC)
         if HAS_LENGTHS:

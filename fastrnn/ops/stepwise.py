@@ -13,9 +13,8 @@ Backward, per step in reverse: launch A forms the total dh of the step (dy plus 
 import triton
 import triton.language as tl
 
-from ._jit import (GRU, LSTM, gru_bwd_pointwise, gru_fwd_pointwise, load_gates,
-                   lstm_bwd_pointwise, lstm_fwd_pointwise, positive, prev_time, rnn_act,
-                   rnn_act_bwd, step_time, store_gates)
+from ._jit import (GRU, LSTM, cell_forward, gru_bwd_pointwise, load_gates, lstm_bwd_pointwise,
+                   positive, prev_time, rnn_act_bwd, step_time, store_gates)
 
 
 @triton.jit
@@ -90,42 +89,30 @@ def _recurrence_fwd_step_kernel(
         act = (t < tl.load(len_ptr + o_b, mask=m_b, other=0))[:, None]
     else:
         act = m_b[:, None]
-    a0 = tl.load(p_x, mask=m_bh, other=0.0).to(ACC) + acc0
+    # h_prev (the own units' previous state) is read only where it is used: GRU's update, and
+    # the state an inactive row keeps; the cell state travels through the (fp32) cell buffer.
+    h_prev = acc0
+    c = acc0
     if CELL == LSTM:
-        a1 = tl.load(p_x + H, mask=m_bh, other=0.0).to(ACC) + acc1
-        a2 = tl.load(p_x + 2 * H, mask=m_bh, other=0.0).to(ACC) + acc2
-        a3 = tl.load(p_x + 3 * H, mask=m_bh, other=0.0).to(ACC) + acc3
         c = _load_prev(cell_ptr, B * D * H, D * H, t_prev, c0_ptr, i_d * B, H, s,
                        o_b, o_h, m_bh, i_d, H).to(ACC)
-        i, f, g, o, c_new, r = lstm_fwd_pointwise(a0, a1, a2, a3, c)
-        c_new = tl.where(act, c_new, c)
-        # The cell state is carried between launches through the (fp32) cell buffer.
-        tl.store(cell_ptr + p_row * H + o_h[None, :], c_new.to(cell_ptr.dtype.element_ty),
-                 mask=m_bh)
-        if SAVE:
-            store_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], i, f, g, o, m_bh, H, 4)
-        if HAS_PROJ:
-            tl.store(r_ptr + (i_d * B + ob64)[:, None] * H + o_h[None, :],
-                     r.to(r_ptr.dtype.element_ty), mask=m_bh)
-        else:
-            h_prev = _load_prev(y_ptr, stride_yt, stride_yb, t_prev, h0_ptr, i_d * B, P,
-                                s, o_b, o_h, m_bh, i_d, P).to(ACC)
-            tl.store(p_y, tl.where(act, r, h_prev).to(Y_DTYPE), mask=m_bh)
-    else:
+    if CELL != LSTM or not HAS_PROJ:
         h_prev = _load_prev(y_ptr, stride_yt, stride_yb, t_prev, h0_ptr, i_d * B, P, s,
                             o_b, o_h, m_bh, i_d, P).to(ACC)
-        if CELL == GRU:
-            a1 = tl.load(p_x + H, mask=m_bh, other=0.0).to(ACC) + acc1
-            hn = acc2
-            if HAS_BHN:
-                hn = hn + tl.load(b_hn_ptr + i_d * H + o_h, mask=m_h, other=0.0).to(ACC)[None, :]
-            xn = tl.load(p_x + 2 * H, mask=m_bh, other=0.0).to(ACC)
-            r, z, n, h_new = gru_fwd_pointwise(a0, a1, xn, hn, h_prev)
-            if SAVE:
-                store_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], r, z, n, hn, m_bh,
-                            H, 4)
-        else:
-            h_new = rnn_act(a0, CELL)
+    b_bhn = 0.0
+    if HAS_BHN:
+        b_bhn = tl.load(b_hn_ptr + i_d * H + o_h, mask=m_h, other=0.0).to(ACC)[None, :]
+    h_new, c_new, s0, s1, s2, s3 = cell_forward(p_x, acc0, acc1, acc2, acc3, h_prev, c, b_bhn,
+                                                m_bh, H, CELL, HAS_BHN, ACC)
+    if SAVE and NSAVE > 0:
+        store_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], s0, s1, s2, s3, m_bh, H, 4)
+    if CELL == LSTM:
+        tl.store(cell_ptr + p_row * H + o_h[None, :],
+                 tl.where(act, c_new, c).to(cell_ptr.dtype.element_ty), mask=m_bh)
+    if HAS_PROJ:  # the projection launch makes h_t from o * tanh(c_t)
+        tl.store(r_ptr + (i_d * B + ob64)[:, None] * H + o_h[None, :],
+                 h_new.to(r_ptr.dtype.element_ty), mask=m_bh)
+    else:
         tl.store(p_y, tl.where(act, h_new, h_prev).to(Y_DTYPE), mask=m_bh)
 
 
