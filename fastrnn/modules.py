@@ -238,10 +238,6 @@ class _CellBase:
 
     _torch_cell: type
 
-    def _mode(self) -> int:
-        return {"LSTMCell": _modes.LSTM, "GRUCell": _modes.GRU}.get(
-            self._torch_cell.__name__, _modes.RNN_TANH)
-
     def forward(self, input, hx=None):
         if not use_kernels(input.device):
             return self._torch_cell.forward(self, input, hx)
@@ -265,11 +261,12 @@ class _CellBase:
             hx = (zeros, zeros) if is_lstm else zeros
         elif not is_batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0)) if is_lstm else hx.unsqueeze(0)
-        mode = self._mode()
         if name == "RNNCell":
             if self.nonlinearity not in ("tanh", "relu"):
                 raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
             mode = _modes.RNN_TANH if self.nonlinearity == "tanh" else _modes.RNN_RELU
+        else:
+            mode = _modes.LSTM if is_lstm else _modes.GRU
         hiddens = list(hx) if is_lstm else [hx]
         self._check(input, hiddens)
         h, c = functional.cell(mode, input, hiddens[0], hiddens[1] if is_lstm else None,

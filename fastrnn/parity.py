@@ -63,16 +63,17 @@ def default_cases() -> list[Case]:
     return cases
 
 
-def _run(module, inp, hx, grads):
-    leaves = [inp] + (list(hx) if isinstance(hx, tuple) else [hx])
+def _run(module, x, hx, lengths, grads):
+    """Outputs, then the gradients of x, the states and every parameter."""
+    leaves = [x] + (list(hx) if isinstance(hx, tuple) else [hx])
     leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
-    x, h = leaves[0], (tuple(leaves[1:]) if isinstance(hx, tuple) else leaves[1])
-    if isinstance(inp, torch.Tensor) and grads.get("lengths") is not None:
-        x = pack_padded_sequence(x, grads["lengths"], enforce_sorted=False)
-    out, hidden = module(x, h)
+    inp, h = leaves[0], (tuple(leaves[1:]) if isinstance(hx, tuple) else leaves[1])
+    if lengths is not None:
+        inp = pack_padded_sequence(inp, lengths, enforce_sorted=False)
+    out, hidden = module(inp, h)
     outs = [out.data if isinstance(out, PackedSequence) else out]
     outs += list(hidden) if isinstance(hidden, tuple) else [hidden]
-    torch.autograd.backward(outs, [g.to(o.dtype) for g, o in zip(grads["outputs"], outs)])
+    torch.autograd.backward(outs, grads)
     return [o.detach() for o in outs] + [t.grad for t in leaves] + [
         p.grad for p in module.parameters()]
 
@@ -99,11 +100,11 @@ def check(case: Case, device: torch.device, dtype: torch.dtype, T: int, B: int, 
                              if lengths is not None else x, hx)
     outs = [probe.data if isinstance(probe, PackedSequence) else probe]
     outs += list(probe_h) if isinstance(probe_h, tuple) else [probe_h]
-    grads = {"outputs": [torch.randn_like(o) for o in outs], "lengths": lengths}
+    grads = [torch.randn_like(o) for o in outs]
     start = time.perf_counter()
-    got = _run(fast, x, hx, grads)
+    got = _run(fast, x, hx, lengths, grads)
     elapsed = time.perf_counter() - start
-    want = _run(ref, x, hx, grads)
+    want = _run(ref, x, hx, lengths, grads)
     scale = max(w.abs().max().item() for w in want if w is not None and w.numel()) or 1.0
     diff = max(((g.double() - w.double()).abs().max().item() if w.numel() else 0.0)
                for g, w in zip(got, want) if w is not None)
