@@ -4,6 +4,7 @@ torch.func, parametrizations, copies, serialisation, DDP, ONNX export and CUDA g
 import copy
 import io
 import os
+import sys
 import tempfile
 
 import pytest
@@ -380,7 +381,54 @@ def test_onnx_export_goes_through_torch_nn(name, dynamo):
         assert name in {op for _, op in got}
 
 
-# --- CUDA graphs and the default compile backend (GPU) ---------------------------------------
+# --- CUDA graphs -------------------------------------------------------------------------------
+
+_FASTRNN_DIR = os.path.dirname(fastrnn.__file__)
+
+
+def _record_host_reads(monkeypatch) -> list:
+    """Patch the Tensor methods that make a CUDA host wait for the device (reading values on the
+    host, or copying to another device) so calls made from fastrnn's own code are recorded."""
+    calls = []
+
+    def wrap(name, original):
+        def method(self, *args, **kwargs):
+            result = original(self, *args, **kwargs)
+            caller = sys._getframe(1).f_code.co_filename
+            moved = isinstance(result, torch.Tensor) and result.device != self.device
+            if caller.startswith(_FASTRNN_DIR) and (name != "to" or moved):
+                calls.append(f"Tensor.{name} at {os.path.relpath(caller, _FASTRNN_DIR)}:"
+                             f"{sys._getframe(1).f_lineno}")
+            return result
+        return method
+
+    for name in ("item", "tolist", "numpy", "cpu", "to", "nonzero", "__bool__", "__int__",
+                 "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, wrap(name, getattr(torch.Tensor, name)))
+    return calls
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
+def test_padded_training_step_reads_nothing_on_the_host(name, monkeypatch):
+    """What lets a training step be captured in a CUDA graph, checked on any device: the padded
+    forward and backward (the glue, the op and its launchers) never read a tensor's values on the
+    host nor copy one across devices. The GPU test below captures and replays for real."""
+    kwargs = dict(proj_size=3) if name == "LSTM" else {}
+    fast, ref = make_pair(name, 5, 7, num_layers=2, bidirectional=True, batch_first=True, **kwargs)
+    build, leaves = make_inputs(ref, "padded", 4, 3, with_hx=True)
+    want = run(ref, build, leaves)
+    calls = _record_host_reads(monkeypatch)
+    got = run(fast, build, leaves)
+    assert calls == []
+    assert_parity(got, want)
+    # The recorder sees fastrnn's code: packed input reads its batch_sizes (kept on the CPU, as
+    # torch.nn requires) on the host.
+    build, leaves = make_inputs(ref, "packed_unsorted", 4, 3, with_hx=True)
+    run(fast, build, leaves)
+    assert any(call.startswith("Tensor.tolist at modules.py") for call in calls)
+
+
+# --- CUDA graphs on a GPU --------------------------------------------------------------------
 
 @gpu
 @pytest.mark.gpu
