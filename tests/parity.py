@@ -11,9 +11,15 @@ import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastrnn
+from fastrnn.ops.recurrence import LAUNCHES
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KINDS = ("padded", "packed_sorted", "packed_unsorted", "unbatched")
+
+
+def launches(direction: str | None = None) -> int:
+    """fastrnn kernel launches so far, of one direction of the pass ("fwd", "bwd") or both."""
+    return sum(n for (_, d), n in LAUNCHES.items() if direction in (None, d))
 
 
 def make_pair(cls_name: str, *args, seed: int = 0, **kwargs):

@@ -5,21 +5,17 @@ import torch
 
 import fastrnn
 from fastrnn import backend
-from fastrnn.ops.recurrence import LAUNCHES, select_strategy
-from tests.parity import make_pair
-
-
-def _launches():
-    return sum(LAUNCHES.values())
+from fastrnn.ops.recurrence import select_strategy
+from tests.parity import launches, make_pair
 
 
 def test_torch_backend_runs_torch_nn(monkeypatch):
     monkeypatch.setenv("FASTRNN_BACKEND", "torch")
     fast, ref = make_pair("LSTM", 3, 5, num_layers=2)
     x = torch.randn(4, 2, 3)
-    before = _launches()
+    before = launches()
     got = fast(x)
-    assert _launches() == before
+    assert launches() == before
     want = ref(x)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
@@ -27,9 +23,9 @@ def test_torch_backend_runs_torch_nn(monkeypatch):
 def test_triton_backend_runs_kernels(monkeypatch):
     monkeypatch.setenv("FASTRNN_BACKEND", "triton")
     fast, _ = make_pair("GRU", 3, 5)
-    before = _launches()
+    before = launches()
     fast(torch.randn(4, 2, 3))
-    assert _launches() > before
+    assert launches() > before
 
 
 def test_auto_on_cpu_without_interpreter_is_torch(monkeypatch):

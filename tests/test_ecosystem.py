@@ -14,8 +14,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastrnn
-from fastrnn.ops.recurrence import LAUNCHES
-from tests.parity import DEVICE, assert_parity, make_inputs, make_pair, run
+from tests.parity import DEVICE, assert_parity, launches, make_inputs, make_pair, run
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -73,9 +72,9 @@ def test_convert_trains_like_torch(rnn_type):
     assert [id(p) for p in model.parameters()] == params_before
     assert all(a is b for a, b in zip(opt_params, model.parameters()))
     assert model.rnn.proj_size == ref.rnn.proj_size and model.rnn.dropout == ref.rnn.dropout
-    before = sum(LAUNCHES.values())
+    before = launches()
     got = _train(model)
-    assert sum(LAUNCHES.values()) > before
+    assert launches() > before
     want = _train(ref)
     assert got == pytest.approx(want, rel=1e-5, abs=1e-5)
     for a, b in zip(model.parameters(), ref.parameters()):
@@ -181,13 +180,12 @@ def test_compile_default_backend_launches_the_kernels():
     fast, ref = make_pair("LSTM", 5, 7, num_layers=2, bidirectional=True, proj_size=3)
     build, leaves = make_inputs(ref, "padded", 4, 3, with_hx=True)
     compiled = torch.compile(fast, fullgraph=True)
-    before = {d: sum(n for (_, dd), n in LAUNCHES.items() if dd == d) for d in ("fwd", "bwd")}
+    before = launches("fwd"), launches("bwd")
     try:
         got = run(compiled, build, leaves)
     finally:
         torch._dynamo.reset()
-    after = {d: sum(n for (_, dd), n in LAUNCHES.items() if dd == d) for d in ("fwd", "bwd")}
-    assert after["fwd"] > before["fwd"] and after["bwd"] > before["bwd"]
+    assert launches("fwd") > before[0] and launches("bwd") > before[1]
     assert_parity(got, run(ref, build, leaves))
 
 
@@ -371,9 +369,9 @@ def test_onnx_export_goes_through_torch_nn(name, dynamo):
         pytest.importorskip("onnxscript")
     x = torch.randn(5, 3, 4)
     kwargs = dict(num_layers=2, bidirectional=True)
-    before = sum(LAUNCHES.values())
+    before = launches()
     got = _onnx_ops(getattr(fastrnn, name)(4, 6, **kwargs), x, dynamo)
-    assert sum(LAUNCHES.values()) == before
+    assert launches() == before
     want = _onnx_ops(getattr(nn, name)(4, 6, **kwargs), x, dynamo)
     assert got == want
     assert all(domain in ("", "ai.onnx") for domain, _ in got)
