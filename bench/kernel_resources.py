@@ -102,6 +102,15 @@ CONFIGS = [  # label, mode, proj, bias
 ]
 
 
+def largest_persistent_h(mode, proj):
+    """The largest hidden size (a power of two) that select_strategy gives to "persistent"."""
+    H = 16
+    while rec.select_strategy(mode, 2 * H, H if proj else 2 * H, 1, torch.float32,
+                              torch.device("cpu"), bool(proj)) == "persistent":
+        H *= 2
+    return H
+
+
 def drive(compiler, strategy, mode, proj, bias, dtype, lengths, save, H):
     T, B, D = 3, 5, 2
     G = _modes.NUM_GATES[mode]
@@ -141,10 +150,13 @@ def main():
             ("persistent", "stepwise", "cooperative"), CONFIGS, dtypes, lengths_opts):
         if strategy == "cooperative" and proj:
             continue
-        H = {"persistent": 32, "stepwise": 80, "cooperative": 256}[strategy]
-        for save in ((True, False) if strategy == "persistent" else (True,)):
+        sizes = {"persistent": (32, largest_persistent_h(mode, proj)), "stepwise": (80,),
+                 "cooperative": (256,)}[strategy]
+        for H, save in itertools.product(dict.fromkeys(sizes),
+                                         (True, False) if strategy == "persistent" else (True,)):
             compiler.label = (f"{strategy}/{label}/{TYPES[dtype]}/"
-                              f"{'packed' if lengths else 'padded'}/{'train' if save else 'infer'}")
+                              f"{'packed' if lengths else 'padded'}/{'train' if save else 'infer'}"
+                              f"/H{H}")
             drive(compiler, strategy, mode, proj, bias, dtype, lengths, save, H)
     rows = list(compiler.results.values())
     print(f"{'kernel':<40} {'variant':<44} {'regs':>5} {'shared':>7} {'local':>6}")

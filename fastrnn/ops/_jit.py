@@ -120,6 +120,12 @@ def step_time(s, i_d, T):
 
 
 @triton.jit
+def next_time(s, i_d, T):
+    """Time of forward step ``s + 1``, as int64 (the last step's own time after the last step)."""
+    return step_time(tl.minimum(s + 1, T - 1), i_d, T).to(tl.int64)
+
+
+@triton.jit
 def prev_time(t, i_d, T):
     """Time of the step before the one at ``t`` (clamped; read only when there is one)."""
     return tl.minimum(tl.maximum(t - 1 + 2 * i_d, 0), T - 1).to(tl.int64)
@@ -179,29 +185,25 @@ def recurrent_products(b_h, w0, w1, w2, w3, G: tl.constexpr, ACC: tl.constexpr,
 
 
 @triton.jit
-def cell_forward(p_x, q0, q1, q2, q3, h, c, b_hn, m, H, CELL: tl.constexpr,
+def cell_forward(x0, x1, x2, x3, q0, q1, q2, q3, h, c, b_hn, CELL: tl.constexpr,
                  HAS_BHN: tl.constexpr, ACC: tl.constexpr):
     """One step of a cell for a tile of hidden units.
 
-    ``q0..q3`` are the recurrent products h @ W_k^T per gate, ``p_x`` points at the gates' input
-    projections, ``h`` and ``c`` are the tile's previous state (``c`` for LSTM; ``h`` for GRU's
-    update), ``b_hn`` GRU's hidden bias of the n gate. Returns ``(h', c', a, b, c, d)`` where
-    a..d are what backward needs (LSTM i, f, g, o; GRU r, z, n, W_hn h + b_hn). For an LSTM h'
-    is o * tanh(c'), before any projection.
+    ``x0..x3`` are the gates' input projections (``load_gate_tiles`` of the step's xg, in the
+    layer's dtype), ``q0..q3`` the recurrent products h @ W_k^T per gate, ``h`` and ``c`` the
+    tile's previous state (``c`` for LSTM; ``h`` for GRU's update), ``b_hn`` GRU's hidden bias of
+    the n gate. Returns ``(h', c', a, b, c, d)`` where a..d are what backward needs (LSTM i, f,
+    g, o; GRU r, z, n, W_hn h + b_hn). For an LSTM h' is o * tanh(c'), before any projection.
     """
-    a0 = tl.load(p_x, mask=m, other=0.0).to(ACC) + q0
+    a0 = x0.to(ACC) + q0
     if CELL == LSTM:
-        a1 = tl.load(p_x + H, mask=m, other=0.0).to(ACC) + q1
-        a2 = tl.load(p_x + 2 * H, mask=m, other=0.0).to(ACC) + q2
-        a3 = tl.load(p_x + 3 * H, mask=m, other=0.0).to(ACC) + q3
-        s0, s1, s2, s3, c_new, h_new = lstm_fwd_pointwise(a0, a1, a2, a3, c)
+        s0, s1, s2, s3, c_new, h_new = lstm_fwd_pointwise(a0, x1.to(ACC) + q1, x2.to(ACC) + q2,
+                                                          x3.to(ACC) + q3, c)
     elif CELL == GRU:
-        a1 = tl.load(p_x + H, mask=m, other=0.0).to(ACC) + q1
         s3 = q2
         if HAS_BHN:
             s3 = s3 + b_hn
-        xn = tl.load(p_x + 2 * H, mask=m, other=0.0).to(ACC)
-        s0, s1, s2, h_new = gru_fwd_pointwise(a0, a1, xn, s3, h)
+        s0, s1, s2, h_new = gru_fwd_pointwise(a0, x1.to(ACC) + q1, x2.to(ACC), s3, h)
         c_new = c
     else:
         h_new = rnn_act(a0, CELL)

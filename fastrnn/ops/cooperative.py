@@ -26,18 +26,30 @@ import triton.language as tl
 from .. import _modes
 from ..backend import interpreting
 from ._jit import (GRU, LSTM, cell_forward, gru_bwd_pointwise, load_gate_tiles, load_gates,
-                   lstm_bwd_pointwise, positive, prev_time, recurrent_products, rnn_act_bwd,
-                   step_time, store_gates)
+                   lstm_bwd_pointwise, next_time, positive, prev_time, recurrent_products,
+                   rnn_act_bwd, step_time, store_gates)
+
+
+@triton.jit
+def _arrive(sync_ptr):
+    """Count this program in at the group's barrier; its stores before it become visible."""
+    tl.debug_barrier()  # every thread of the program has issued its stores
+    tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _wait(sync_ptr, target):
+    """Wait until the group's counter reaches ``target``; what others stored before arriving
+    is visible after it."""
+    while tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu") < target:
+        pass
+    tl.debug_barrier()
 
 
 @triton.jit
 def _grid_barrier(sync_ptr, target):
-    """Wait until the group's counter reaches ``target``; this program's stores come first."""
-    tl.debug_barrier()  # every thread of the program has issued its stores
-    tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
-    while tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu") < target:
-        pass
-    tl.debug_barrier()
+    _arrive(sync_ptr)
+    _wait(sync_ptr, target)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -90,15 +102,17 @@ def _recurrence_fwd_coop_kernel(
         b_len = tl.load(len_ptr + o_b, mask=m_b, other=0)
     # The whole state, read by every program: h0 for the first step.
     b_h = tl.load(h0_ptr + p_state * H + o_k[None, :], mask=m_bk, other=0.0).to(W_DTYPE)
+    p_x = xg_ptr + ob64[:, None] * stride_xb + i_d * (G * H) + o_h[None, :]
+    x0, x1, x2, x3 = load_gate_tiles(p_x + step_time(0, i_d, T).to(tl.int64) * stride_xt, m_bh, H,
+                                     G)
 
     for s in range(0, T):
         t = step_time(s, i_d, T)
         t64 = t.to(tl.int64)
-        p_x = xg_ptr + t64 * stride_xt + ob64[:, None] * stride_xb + i_d * (G * H) + o_h[None, :]
         p_row = (t64 * B + ob64)[:, None] * D + i_d
         q0, q1, q2, q3 = recurrent_products(b_h, b_w0, b_w1, b_w2, b_w3, G, ACC, PRECISION)
-        h_new, c_new, s0, s1, s2, s3 = cell_forward(p_x, q0, q1, q2, q3, h_own, c, b_bhn, m_bh,
-                                                    H, CELL, HAS_BHN, ACC)
+        h_new, c_new, s0, s1, s2, s3 = cell_forward(x0, x1, x2, x3, q0, q1, q2, q3, h_own, c,
+                                                    b_bhn, CELL, HAS_BHN, ACC)
         if SAVE and NSAVE > 0:
             store_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], s0, s1, s2, s3, m_bh, H,
                         4)
@@ -118,10 +132,13 @@ def _recurrence_fwd_coop_kernel(
         h_own = tl.where(m_bh, h_own, 0.0)
         tl.store(y_ptr + t64 * stride_yt + ob64[:, None] * stride_yb + i_d * H + o_h[None, :],
                  h_own.to(Y_DTYPE), mask=m_bh)
-        # Publish this slice of h_t, wait for the group, read the whole h_t back.
+        # Publish this slice of h_t, wait for the group, read the whole h_t back. The next
+        # step's input projections are loaded while the program waits.
         p_buf = hbuf_ptr + (((s + 1) % 2) * D + i_d) * B * H + ob64[:, None] * H
         tl.store(p_buf + o_h[None, :], h_own.to(hbuf_ptr.dtype.element_ty), mask=m_bh)
-        _grid_barrier(p_sync, (s + 1) * NJ)
+        _arrive(p_sync)
+        x0, x1, x2, x3 = load_gate_tiles(p_x + next_time(s, i_d, T) * stride_xt, m_bh, H, G)
+        _wait(p_sync, (s + 1) * NJ)
         b_h = tl.load(p_buf + o_k[None, :], mask=m_bk, other=0.0,
                       cache_modifier=".cg").to(W_DTYPE)
 

@@ -66,16 +66,19 @@ def _recurrence_fwd_persistent_kernel(
         c = tl.load(c0_ptr + p_state * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
     if HAS_LENGTHS:
         b_len = tl.load(len_ptr + o_b, mask=m_b, other=0)
+    p_x = xg_ptr + ob64[:, None] * stride_xb + i_d * (G * H) + o_h[None, :]
 
     for s in range(0, T):
         t = step_time(s, i_d, T)
         t64 = t.to(tl.int64)
+        # The step's input projections are loaded first: they do not depend on h, so their
+        # latency overlaps the recurrent products.
+        x0, x1, x2, x3 = load_gate_tiles(p_x + t64 * stride_xt, m_bh, H, G)
         # Padding lanes are zeroed in every operand: an inf in a real lane times a zero weight
         # in a padding column would otherwise leave NaN there, and the next product spreads it.
         b_hw = tl.where(m_bp, h, 0.0).to(W_DTYPE)
         q0, q1, q2, q3 = recurrent_products(b_hw, b_w0, b_w1, b_w2, b_w3, G, ACC, PRECISION)
-        p_x = xg_ptr + t64 * stride_xt + ob64[:, None] * stride_xb + i_d * (G * H) + o_h[None, :]
-        h_new, c_new, s0, s1, s2, s3 = cell_forward(p_x, q0, q1, q2, q3, h, c, b_bhn, m_bh, H,
+        h_new, c_new, s0, s1, s2, s3 = cell_forward(x0, x1, x2, x3, q0, q1, q2, q3, h, c, b_bhn,
                                                     CELL, HAS_BHN, ACC)
         p_row = (t64 * B + ob64)[:, None] * D + i_d  # row of the saved-activation tensors
         if SAVE and NSAVE > 0:

@@ -13,8 +13,8 @@ Backward, per step in reverse: launch A forms the total dh of the step (dy plus 
 import triton
 import triton.language as tl
 
-from ._jit import (GRU, LSTM, cell_forward, gru_bwd_pointwise, load_gates, lstm_bwd_pointwise,
-                   positive, prev_time, rnn_act_bwd, step_time, store_gates)
+from ._jit import (GRU, LSTM, cell_forward, gru_bwd_pointwise, load_gate_tiles, load_gates,
+                   lstm_bwd_pointwise, positive, prev_time, rnn_act_bwd, step_time, store_gates)
 
 
 @triton.jit
@@ -102,8 +102,9 @@ def _recurrence_fwd_step_kernel(
     b_bhn = 0.0
     if HAS_BHN:
         b_bhn = tl.load(b_hn_ptr + i_d * H + o_h, mask=m_h, other=0.0).to(ACC)[None, :]
-    h_new, c_new, s0, s1, s2, s3 = cell_forward(p_x, acc0, acc1, acc2, acc3, h_prev, c, b_bhn,
-                                                m_bh, H, CELL, HAS_BHN, ACC)
+    x0, x1, x2, x3 = load_gate_tiles(p_x, m_bh, H, G)
+    h_new, c_new, s0, s1, s2, s3 = cell_forward(x0, x1, x2, x3, acc0, acc1, acc2, acc3, h_prev, c,
+                                                b_bhn, CELL, HAS_BHN, ACC)
     if SAVE and NSAVE > 0:
         store_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], s0, s1, s2, s3, m_bh, H, 4)
     if CELL == LSTM:
