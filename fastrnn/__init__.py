@@ -2,10 +2,12 @@
 
 from .backend import get_backend, use_kernels
 from .convert import convert, to_torch
+from .explain import explain
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
-from .ops.recurrence import force_strategy, select_strategy
+from .ops.select import force_strategy, select_strategy
 
 __version__ = "0.1.0"
 
 __all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "convert", "to_torch",
-           "force_strategy", "select_strategy", "get_backend", "use_kernels", "__version__"]
+           "explain", "force_strategy", "select_strategy", "get_backend", "use_kernels",
+           "__version__"]

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _modes
+from .ops import select
 from .ops.recurrence import recurrence
 
 
@@ -72,6 +73,16 @@ def _needs_grad(tensors: list[Tensor | None]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _strategy(mode: int, h0: Tensor, w_hh: Tensor) -> str:
+    """The kernel strategy of a layer, decided here on the caller's thread (where
+    ``fastrnn.force_strategy`` is visible) and handed to the op, which records it for backward."""
+    D, B, P = h0.shape
+    if B == 0:
+        return ""
+    G = _modes.NUM_GATES[mode]
+    return select.resolve(mode, B, w_hh.shape[1] // G, P, D, w_hh.dtype, h0.device)
+
+
 def rnn(mode: int, input: Tensor, hx: Tensor, cx: Tensor | None, weights: list[Tensor], *,
         hidden_size: int, num_layers: int, bias: bool, batch_first: bool, dropout: float,
         training: bool, bidirectional: bool, proj_size: int = 0,
@@ -102,8 +113,9 @@ def rnn(mode: int, input: Tensor, hx: Tensor, cx: Tensor | None, weights: list[T
         rows = slice(layer * num_directions, (layer + 1) * num_directions)
         h0 = hx[rows].to(dtype)
         c0 = cx[rows].to(dtype) if is_lstm else None
+        strategy = _strategy(mode, h0, w_hh)
         y, hn, cn, _, _ = recurrence(x.transpose(0, 1) if batch_first else x, w_ih, b_x, h0, c0,
-                                     w_hh, b_hn, w_hr, lengths, mode, batch_first, save)
+                                     w_hh, b_hn, w_hr, lengths, mode, batch_first, save, strategy)
         x = y.transpose(0, 1) if batch_first else y
         if training and dropout > 0 and layer < num_layers - 1:
             x = F.dropout(x, dropout, training=True)
@@ -128,8 +140,10 @@ def cell(mode: int, input: Tensor, hx: Tensor, cx: Tensor | None, w_ih: Tensor, 
         b_hn = b_hh[2 * hidden_size:].unsqueeze(0).to(dtype)
     save = _needs_grad([input, hx, cx, w_ih, w_hh, b_ih, b_hh])
     is_lstm = mode == _modes.LSTM
+    h0 = hx.to(dtype).unsqueeze(0)
+    w_hh = w_hh.to(dtype).unsqueeze(0)
     _, h, c, _, _ = recurrence(
-        input.to(dtype).unsqueeze(0), w_ih.to(dtype), b_x, hx.to(dtype).unsqueeze(0),
-        cx.to(dtype).unsqueeze(0) if is_lstm else None, w_hh.to(dtype).unsqueeze(0), b_hn, None,
-        None, mode, False, save)
+        input.to(dtype).unsqueeze(0), w_ih.to(dtype), b_x, h0,
+        cx.to(dtype).unsqueeze(0) if is_lstm else None, w_hh, b_hn, None,
+        None, mode, False, save, _strategy(mode, h0, w_hh))
     return h[0], (c[0] if is_lstm else None)

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import _modes, functional
-from .backend import get_backend, use_kernels
+from .backend import announce, get_backend, use_kernels
 
 _TORCH_FORWARD = {
     "RNN_TANH": nn.RNN.forward,
@@ -82,7 +82,9 @@ class _RNNBase(nn.RNNBase):
 
     def forward(self, input, hx=None):  # noqa: C901 - mirrors torch.nn's three forwards
         data = input.data if isinstance(input, PackedSequence) else input
-        if not use_kernels(data.device):
+        kernels = use_kernels(data.device)
+        announce(type(self).__name__, data.device, kernels)
+        if not kernels:
             return _TORCH_FORWARD[self.mode](self, input, hx)
         self._update_flat_weights()
         is_lstm = self.mode == "LSTM"
@@ -239,7 +241,9 @@ class _CellBase:
     _torch_cell: type
 
     def forward(self, input, hx=None):
-        if not use_kernels(input.device):
+        kernels = use_kernels(input.device)
+        announce(type(self).__name__, input.device, kernels)
+        if not kernels:
             return self._torch_cell.forward(self, input, hx)
         name = self._torch_cell.__name__
         is_lstm = name == "LSTMCell"

@@ -213,3 +213,47 @@ def cell_forward(x0, x1, x2, x3, q0, q1, q2, q3, h, c, b_hn, CELL: tl.constexpr,
         s2 = h_new
         s3 = h_new
     return h_new, c_new, s0, s1, s2, s3
+
+
+@triton.jit
+def cell_backward(dh, dc, s0, s1, s2, s3, c_new, c_prev, h_prev, h_new, act, CELL: tl.constexpr):
+    """Backward of ``cell_forward`` for a tile of hidden units; mirrors it.
+
+    ``dh`` is the gradient of the cell's output h' (for an LSTM with a projection, of o*tanh(c'),
+    already taken through W_hr), ``dc`` of the cell state c' (LSTM). ``s0..s3`` are the saved
+    activations (LSTM i, f, g, o; GRU r, z, n, W_hn h + b_hn), ``c_new`` / ``c_prev`` the cell
+    state after / before the step (LSTM), ``h_prev`` the state before the step (GRU), ``h_new``
+    the state after it (RNN). ``act`` masks the rows that took the step (and real lanes); the others
+    get zero gate gradients and pass ``dh`` and ``dc`` through unchanged.
+
+    Returns ``(g0, g1, g2, g3, gh2, dh_prev, dc_prev)``: the gradients of the gates' input
+    projections (LSTM i, f, g, o; GRU r, z, n; RNN the pre-activation), GRU's gradient of
+    W_hn h + b_hn (``gh2``; the recurrent product's n-gate part differs from the input's), the part
+    of ``dh_prev`` that does not pass through W_hh (GRU's ``dh * z``; ``dh`` itself for inactive
+    rows), and ``dc_prev`` (LSTM).
+    """
+    zero = dh * 0.0
+    dc_prev = dc
+    if CELL == LSTM:
+        g0, g1, g2, g3, dc_prev = lstm_bwd_pointwise(dh, dc, s0, s1, s2, s3, c_new, c_prev)
+        gh2 = g2
+        keep = zero
+    elif CELL == GRU:
+        g0, g1, g2, gh2, keep = gru_bwd_pointwise(dh, s0, s1, s2, s3, h_prev)
+        g3 = g2
+    else:
+        g0 = rnn_act_bwd(dh, h_new, CELL)
+        g1 = g0
+        g2 = g0
+        g3 = g0
+        gh2 = g0
+        keep = zero
+    g0 = tl.where(act, g0, 0.0)
+    g1 = tl.where(act, g1, 0.0)
+    g2 = tl.where(act, g2, 0.0)
+    g3 = tl.where(act, g3, 0.0)
+    gh2 = tl.where(act, gh2, 0.0)
+    dh_prev = tl.where(act, keep, dh)
+    if CELL == LSTM:
+        dc_prev = tl.where(act, dc_prev, dc)
+    return g0, g1, g2, g3, gh2, dh_prev, dc_prev

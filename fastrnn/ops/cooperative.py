@@ -19,15 +19,20 @@ runs there only with one program per group (the barrier is then passed at once);
 executes the exact kernel code, barrier included, which is how the CPU tests check its maths.
 """
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
-from .. import _modes
-from ..backend import interpreting
-from ._jit import (GRU, LSTM, cell_forward, gru_bwd_pointwise, load_gate_tiles, load_gates,
-                   lstm_bwd_pointwise, next_time, positive, prev_time, recurrent_products,
-                   rnn_act_bwd, step_time, store_gates)
+from ._jit import (GRU, LSTM, cell_backward, cell_forward, load_gate_tiles, load_gates, next_time,
+                   positive, prev_time, recurrent_products, step_time, store_gates)
+from .args import BackwardArgs, ForwardArgs
+from .select import (DeviceSpec, DoesNotFit, KernelConfig, Plan, Problem, block,
+                     launch_kernel, operand_copies)
+
+_LENGTHS = {"HAS_LENGTHS": lambda a: a["len_ptr"] is not None}
+_OPTIONAL = {**_LENGTHS, "HAS_BHN": lambda a: a["b_hn_ptr"] is not None}
 
 
 @triton.jit
@@ -52,6 +57,7 @@ def _grid_barrier(sync_ptr, target):
     _wait(sync_ptr, target)
 
 
+@triton.heuristics(_OPTIONAL)
 @triton.jit(do_not_specialize=["T"])
 def _recurrence_fwd_coop_kernel(
     xg_ptr, stride_xt, stride_xb,      # [T, B, D*G*H]
@@ -62,10 +68,10 @@ def _recurrence_fwd_coop_kernel(
     hbuf_ptr,                          # [2, D, B, H] the shared state, double-buffered
     sync_ptr,                          # [D * NBT] int32 barrier counters, zeroed
     T, B, H,
-    CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr,
-    HAS_BHN: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr,
+    CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr, SAVE: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BHN: tl.constexpr, HAS_LENGTHS: tl.constexpr,
 ):
     i_j = tl.program_id(0)             # hidden slice owned by this program
     i_b = tl.program_id(1)
@@ -147,6 +153,7 @@ def _recurrence_fwd_coop_kernel(
         tl.store(cn_ptr + p_state * H + o_h[None, :], c.to(cn_ptr.dtype.element_ty), mask=m_bh)
 
 
+@triton.heuristics(_LENGTHS)
 @triton.jit(do_not_specialize=["T"])
 def _recurrence_bwd_coop_kernel(
     dy_ptr, stride_dyt, stride_dyb,
@@ -158,9 +165,10 @@ def _recurrence_bwd_coop_kernel(
     gbuf_ptr,                          # [2, D, B, G*H] the shared gate gradients, double-buffered
     sync_ptr,
     T, B, H,
-    CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
 ):
     i_j = tl.program_id(0)
     i_b = tl.program_id(1)
@@ -187,6 +195,9 @@ def _recurrence_bwd_coop_kernel(
 
     p_state = (i_d * B + ob64)[:, None]
     dh_c = tl.load(dhn_ptr + p_state * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
+    dc_c = dh_c
+    b_c0 = dh_c
+    b_h0 = dh_c
     if CELL == LSTM:
         dc_c = tl.load(dcn_ptr + p_state * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
         b_c0 = tl.load(c0_ptr + p_state * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
@@ -211,40 +222,36 @@ def _recurrence_bwd_coop_kernel(
             act = m_bh
         p_dg = dgx_ptr + p_row * (G * H) + o_h[None, :]
         p_buf = gbuf_ptr + ((k % 2) * D + i_d) * B * (G * H) + ob64[:, None] * (G * H)
+        s0, s1, s2, s3 = dh, dh, dh, dh
+        if CELL == LSTM or CELL == GRU:
+            s0, s1, s2, s3 = load_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], m_bh, H,
+                                        ACC)
+        c_t = dh
+        c_prev = dh
+        h_prev = dh
+        h_t = dh
         if CELL == LSTM:
-            i, f, g, o = load_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], m_bh, H, ACC)
             c_t = tl.load(cell_ptr + p_row * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
             c_prev = tl.where(has_prev, tl.load(cell_ptr + p_row_prev * H + o_h[None, :],
                                                 mask=m_bh & has_prev, other=0.0).to(ACC), b_c0)
-            di, df, dg, do, dc_prev = lstm_bwd_pointwise(dh, dc_c, i, f, g, o, c_t, c_prev)
-            di = tl.where(act, di, 0.0)
-            df = tl.where(act, df, 0.0)
-            dg = tl.where(act, dg, 0.0)
-            do = tl.where(act, do, 0.0)
-            store_gates(p_dg, di, df, dg, do, m_bh, H, G)
-            store_gates(p_buf + o_h[None, :], di, df, dg, do, m_bh, H, G)
-            dc_c = tl.where(act, dc_prev, dc_c)
-            keep = tl.where(act, 0.0, 1.0)
         elif CELL == GRU:
-            r, z, n, hn = load_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], m_bh, H, ACC)
             h_prev = tl.where(has_prev, tl.load(
                 y_ptr + t_prev * stride_yt + ob64[:, None] * stride_yb + i_d * H + o_h[None, :],
                 mask=m_bh & has_prev, other=0.0).to(ACC), b_h0)
-            dr, dz, dnx, dnh, _ = gru_bwd_pointwise(dh, r, z, n, hn, h_prev)
-            dr = tl.where(act, dr, 0.0)
-            dz = tl.where(act, dz, 0.0)
-            dnh = tl.where(act, dnh, 0.0)
-            store_gates(p_dg, dr, dz, tl.where(act, dnx, 0.0), dnh, m_bh, H, 3)
-            store_gates(dgh_ptr + p_row * (G * H) + o_h[None, :], dr, dz, dnh, dnh, m_bh, H, G)
-            store_gates(p_buf + o_h[None, :], dr, dz, dnh, dnh, m_bh, H, G)
-            keep = tl.where(act, z, 1.0)
         else:
             h_t = tl.load(y_ptr + t64 * stride_yt + ob64[:, None] * stride_yb + i_d * H
                           + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
-            da = tl.where(act, rnn_act_bwd(dh, h_t, CELL), 0.0).to(G_DTYPE)
-            tl.store(p_dg, da, mask=m_bh)
-            tl.store(p_buf + o_h[None, :], da, mask=m_bh)
-            keep = tl.where(act, 0.0, 1.0)
+        g0, g1, g2, g3, gh2, dh_keep, dc_c = cell_backward(dh, dc_c, s0, s1, s2, s3, c_t, c_prev,
+                                                           h_prev, h_t, act, CELL)
+        if G == 1:
+            tl.store(p_dg, g0.to(G_DTYPE), mask=m_bh)
+            tl.store(p_buf + o_h[None, :], g0.to(gbuf_ptr.dtype.element_ty), mask=m_bh)
+        else:
+            store_gates(p_dg, g0, g1, g2, g3, m_bh, H, G)
+            # What W_hh multiplies: for GRU the n gate's hidden part (r * dn), not its input part.
+            store_gates(p_buf + o_h[None, :], g0, g1, gh2, g3, m_bh, H, G)
+        if CELL == GRU:
+            store_gates(dgh_ptr + p_row * (G * H) + o_h[None, :], g0, g1, gh2, gh2, m_bh, H, 3)
         # Wait for the group's gate gradients of this step, then form dh of the step before.
         _grid_barrier(p_sync, (k + 1) * NJ)
         p_all = p_buf + o_k[None, :]
@@ -261,7 +268,7 @@ def _recurrence_bwd_coop_kernel(
             rec += tl.dot(tl.load(p_all + 3 * H, mask=m_bk, other=0.0,
                                   cache_modifier=".cg").to(W_DTYPE),
                           b_w3, input_precision=PRECISION).to(ACC)
-        dh_c = rec + keep * dh
+        dh_c = rec + dh_keep
 
     tl.store(dh0_ptr + p_state * H + o_h[None, :], dh_c.to(dh0_ptr.dtype.element_ty), mask=m_bh)
     if CELL == LSTM:
@@ -272,9 +279,11 @@ def _recurrence_bwd_coop_kernel(
 # ---------------------------------------------------------------------------------------------
 # Planning and launchers.
 
-# Padded W_hh elements one program may hold (its slice, all gates): beyond it registers spill.
+# W_hh elements one program holds (its slice, all gates). Triton keeps the slice in registers as
+# well as in shared memory: at 16384 elements (e.g. LSTM H=256, 16 units) the compiled forward
+# kernel already runs at 255 registers per thread (bench/kernel_resources.py); beyond it spills.
 MAX_SLICE_WEIGHTS = 16384
-_SLICES = (16, 32, 64, 128)
+_SLICES = (16, 32, 64)
 
 
 def _cooperative_launch_supported() -> bool:
@@ -285,89 +294,96 @@ def _cooperative_launch_supported() -> bool:
     return "launch_cooperative_grid" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
-def sm_count(device: torch.device):
-    """Multiprocessors of a CUDA device (None elsewhere): the largest co-resident grid."""
-    if device.type != "cuda":
-        return None
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def plan(mode: int, H: int, P: int, B: int, D: int, device: torch.device):
-    """(BLOCK_B, BLOCK_H, BLOCK_K, programs per group, groups) for a problem, or None where the
-    cooperative strategy does not apply (projection, slices too large, grid larger than the GPU;
-    under the interpreter, more than one program per group)."""
-    if P != H:
-        return None
-    G = _modes.NUM_GATES[mode]
-    block_b = min(64, max(16, triton.next_power_of_2(B)))
-    block_k = max(16, triton.next_power_of_2(H))
-    groups = triton.cdiv(B, block_b) * D
-    if interpreting():
-        return (block_b, block_k, block_k, 1, groups)
-    sms = sm_count(device)
-    if sms is None:
-        return None
-    for block_h in _SLICES:
+def plan(problem: Problem, spec: DeviceSpec) -> Plan:
+    """One group of programs per (batch tile, direction); each program owns ``block_h`` hidden
+    units, holds their rows of W_hh (all gates) and reads the whole state every step."""
+    if problem.has_proj:
+        raise DoesNotFit("no proj_size (h and the cell state would need two barriers per step)")
+    G, H = problem.G, problem.H
+    block_k = block(H)
+    isz = problem.itemsize * operand_copies(problem)
+    if spec.interpreter:
+        # Programs run one after another there: one program per group passes every barrier.
+        block_b = 16
+        groups = triton.cdiv(problem.B, block_b) * problem.D
+        shared = (G * block_k * block_k + block_b * block_k) * isz
+        cfg = dict(block_b=block_b, block_h=block_k, block_k=block_k, num_warps=4,
+                   shared_bytes=shared)
+        return Plan("cooperative", (KernelConfig("_recurrence_fwd_coop_kernel", **cfg),
+                                    KernelConfig("_recurrence_bwd_coop_kernel", **cfg)),
+                    grid=(1, groups // problem.D, problem.D))
+    reasons = {}  # the first reason of each kind
+    # Batch tiles of 64 rows (a Hopper warpgroup MMA's M) where they fit, else 16.
+    for block_b, block_h in itertools.product((64, 16), _SLICES):
+        groups = triton.cdiv(problem.B, block_b) * problem.D
         per_group = triton.cdiv(H, block_h)
-        if per_group * groups <= sms and G * block_h * block_k <= MAX_SLICE_WEIGHTS:
-            return (block_b, block_h, block_k, per_group, groups)
-    return None
+        weights = G * block_h * block_k
+        # Shared memory: the weight slice and the state tile, dot operands.
+        shared = (weights + block_b * block_k) * isz
+        if per_group * groups > spec.sm_count:
+            reasons.setdefault("sms", f"{per_group * groups} programs ({block_h} units each) "
+                                      f"> {spec.sm_count} SMs")
+        elif weights > MAX_SLICE_WEIGHTS:
+            reasons.setdefault("regs", f"a slice of {weights} weights > {MAX_SLICE_WEIGHTS} "
+                                       "(registers)")
+        elif shared > spec.smem_per_block:
+            reasons.setdefault("smem", f"{shared} B of shared memory > {spec.smem_per_block}")
+        else:
+            cfg = dict(block_b=block_b, block_h=block_h, block_k=block_k, num_warps=8,
+                       shared_bytes=shared)
+            return Plan("cooperative", (KernelConfig("_recurrence_fwd_coop_kernel", **cfg),
+                                        KernelConfig("_recurrence_bwd_coop_kernel", **cfg)),
+                        grid=(per_group, groups // problem.D, problem.D))
+    raise DoesNotFit(", or ".join(reasons.values()))
 
 
-def _launch_options(block_h, block_k, G):
-    opts = {"num_warps": 8 if G * block_h * block_k > 8192 else 4}
-    if not interpreting() and _cooperative_launch_supported():
+def _launch_options(cfg: KernelConfig) -> dict:
+    opts = cfg.launch_options()
+    if not torch.cuda.is_available() or not _cooperative_launch_supported():
+        return opts
+    from ..backend import interpreting
+
+    if not interpreting():
+        # A grid that cannot be co-resident fails to launch instead of hanging at a barrier.
         opts["launch_cooperative_grid"] = True
     return opts
 
 
-def _require_plan(p):
-    layout = plan(p.mode, p.H, p.P, p.B, p.D, p.h0.device)
-    if layout is None:
-        raise RuntimeError(
-            f"fastrnn: the cooperative strategy does not apply here (hidden {p.H}, proj "
-            f"{p.P if p.P != p.H else 0}, batch {p.B}, {p.D} direction(s)); choose another "
-            "with FASTRNN_STRATEGY or force_strategy")
-    return layout
-
-
-def forward(f):
-    block_b, block_h, block_k, per_group, _ = _require_plan(f)
-    device = f.y.device
-    hbuf = torch.empty(2, f.D, f.B, f.H, device=device, dtype=f.y.dtype)
-    nbt = triton.cdiv(f.B, block_b)
-    sync = torch.zeros(f.D * nbt, device=device, dtype=torch.int32)
-    _recurrence_fwd_coop_kernel[(per_group, nbt, f.D)](
-        f.xg, f.xg.stride(0), f.xg.stride(1),
-        f.h0, f.c0, f.w_hh, f.b_hn, f.lengths,
-        f.y, f.y.stride(0), f.y.stride(1),
-        f.hn, f.cn, f.gates, f.cell, hbuf, sync,
-        f.T, f.B, f.H,
-        CELL=f.mode, G=f.G, NSAVE=f.NSAVE, HAS_BHN=f.has_bhn, HAS_LENGTHS=f.has_lengths,
-        SAVE=f.save, ACC=f.acc, PRECISION=f.precision,
-        BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k,
-        **_launch_options(block_h, block_k, f.G),
+def forward(a: ForwardArgs, the_plan: Plan) -> int:
+    cfg = the_plan.config("_recurrence_fwd_coop_kernel")
+    device = a.y.device
+    hbuf = torch.empty(2, a.D, a.B, a.H, device=device, dtype=a.y.dtype)
+    per_group, nbt, _ = the_plan.grid
+    sync = torch.zeros(a.D * nbt, device=device, dtype=torch.int32)
+    launch_kernel(
+        _recurrence_fwd_coop_kernel, (per_group, nbt, a.D),
+        xg_ptr=a.xg, stride_xt=a.xg.stride(0), stride_xb=a.xg.stride(1),
+        h0_ptr=a.h0, c0_ptr=a.c0, w_hh_ptr=a.w_hh, b_hn_ptr=a.b_hn, len_ptr=a.lengths,
+        y_ptr=a.y, stride_yt=a.y.stride(0), stride_yb=a.y.stride(1),
+        hn_ptr=a.hn, cn_ptr=a.cn, gates_ptr=a.gates, cell_ptr=a.cell, hbuf_ptr=hbuf,
+        sync_ptr=sync, T=a.T, B=a.B, H=a.H,
+        CELL=a.mode, G=a.G, NSAVE=a.NSAVE, SAVE=a.save, ACC=a.ACC, PRECISION=a.precision,
+        BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
+        **_launch_options(cfg),
     )
     return 1
 
 
-def backward(b):
-    block_b, block_h, block_k, per_group, _ = _require_plan(b)
+def backward(b: BackwardArgs, the_plan: Plan) -> int:
+    cfg = the_plan.config("_recurrence_bwd_coop_kernel")
     device = b.dy.device
     gbuf = torch.empty(2, b.D, b.B, b.G * b.H, device=device, dtype=b.dgx.dtype)
-    nbt = triton.cdiv(b.B, block_b)
+    per_group, nbt, _ = the_plan.grid
     sync = torch.zeros(b.D * nbt, device=device, dtype=torch.int32)
-    _recurrence_bwd_coop_kernel[(per_group, nbt, b.D)](
-        b.dy, b.dy.stride(0), b.dy.stride(1),
-        b.dhn, b.dcn,
-        b.y, b.y.stride(0), b.y.stride(1),
-        b.h0, b.c0, b.gates, b.cell,
-        b.w_hh, b.lengths,
-        b.dgx, b.dgh, b.dh0, b.dc0, gbuf, sync,
-        b.T, b.B, b.H,
-        CELL=b.mode, G=b.G, NSAVE=b.NSAVE, HAS_LENGTHS=b.has_lengths,
-        ACC=b.acc, PRECISION=b.precision,
-        BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k,
-        **_launch_options(block_h, block_k, b.G),
+    launch_kernel(
+        _recurrence_bwd_coop_kernel, (per_group, nbt, b.D),
+        dy_ptr=b.dy, stride_dyt=b.dy.stride(0), stride_dyb=b.dy.stride(1),
+        dhn_ptr=b.dhn, dcn_ptr=b.dcn, y_ptr=b.y, stride_yt=b.y.stride(0),
+        stride_yb=b.y.stride(1), h0_ptr=b.h0, c0_ptr=b.c0, gates_ptr=b.gates, cell_ptr=b.cell,
+        w_hh_ptr=b.w_hh, len_ptr=b.lengths, dgx_ptr=b.dgx, dgh_ptr=b.dgh,
+        dh0_ptr=b.dh0, dc0_ptr=b.dc0, gbuf_ptr=gbuf, sync_ptr=sync, T=b.T, B=b.B, H=b.H,
+        CELL=b.mode, G=b.G, NSAVE=b.NSAVE, ACC=b.ACC, PRECISION=b.precision,
+        BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
+        **_launch_options(cfg),
     )
     return 1

@@ -4,7 +4,7 @@ The program loads its direction's W_hh (and W_hr) once, keeps h (and c) in regis
 the sequence: per step one tile of input projections in, ``h @ W_hh^T`` on the tensor cores, the
 cell's pointwise maths, one tile of outputs (and saved activations) out. No cross-program
 communication, so it also runs under the Triton interpreter. It suits small hidden sizes, where
-all of W_hh fits on one SM (``select_strategy`` in recurrence.py decides).
+all of W_hh sits on one SM (``plan`` below sizes it; ``select`` chooses).
 
 Backward walks the sequence in reverse with dh (and dc) in registers and writes the gradients of
 the gate pre-activations; the weight gradients are whole-sequence GEMMs afterwards.
@@ -13,11 +13,20 @@ the gate pre-activations; the weight gradients are whole-sequence GEMMs afterwar
 import triton
 import triton.language as tl
 
-from ._jit import (GRU, LSTM, cell_forward, gru_bwd_pointwise, load_gate_tiles, load_gates,
-                   lstm_bwd_pointwise, positive, prev_time, recurrent_products, rnn_act_bwd,
-                   step_time, store_gates)
+from ._jit import (LSTM, GRU, cell_backward, cell_forward, load_gate_tiles, load_gates, positive,
+                   prev_time, recurrent_products, step_time, store_gates)
+from .args import BackwardArgs, ForwardArgs
+from .select import (DeviceSpec, DoesNotFit, KernelConfig, Plan, Problem, block,
+                     launch_kernel, operand_copies)
+
+_BWD_OPTIONAL = {
+    "HAS_PROJ": lambda a: a["w_hr_ptr"] is not None,
+    "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
+}
+_OPTIONAL = {**_BWD_OPTIONAL, "HAS_BHN": lambda a: a["b_hn_ptr"] is not None}
 
 
+@triton.heuristics(_OPTIONAL)
 @triton.jit(do_not_specialize=["T"])
 def _recurrence_fwd_persistent_kernel(
     xg_ptr, stride_xt, stride_xb,      # [T, B, D*G*H] input projections (feature dim contiguous)
@@ -28,10 +37,10 @@ def _recurrence_fwd_persistent_kernel(
     hn_ptr, cn_ptr,                    # [D, B, P], [D, B, H] final states
     gates_ptr, cell_ptr,               # [T, B, D, NSAVE*H], [T, B, D, H] saved for backward
     T, B, H, P,
-    CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr,
-    HAS_BHN: tl.constexpr, HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    SAVE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr, SAVE: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_BHN: tl.constexpr, HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr,
 ):
     i_b = tl.program_id(0)
     i_d = tl.program_id(1)
@@ -110,6 +119,7 @@ def _recurrence_fwd_persistent_kernel(
         tl.store(cn_ptr + p_state * H + o_h[None, :], c.to(cn_ptr.dtype.element_ty), mask=m_bh)
 
 
+@triton.heuristics(_BWD_OPTIONAL)
 @triton.jit(do_not_specialize=["T"])
 def _recurrence_bwd_persistent_kernel(
     dy_ptr, stride_dyt, stride_dyb,    # [T, B, D*P] gradient of the outputs
@@ -123,9 +133,9 @@ def _recurrence_bwd_persistent_kernel(
     dh0_ptr, dc0_ptr,                  # [D, B, P], [D, B, H]
     T, B, H, P,
     CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr,
-    HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr,
 ):
     i_b = tl.program_id(0)
     i_d = tl.program_id(1)
@@ -152,6 +162,9 @@ def _recurrence_bwd_persistent_kernel(
 
     p_state = (i_d * B + ob64)[:, None]
     dh_c = tl.load(dhn_ptr + p_state * P + o_p[None, :], mask=m_bp, other=0.0).to(ACC)
+    dc_c = dh_c
+    b_c0 = dh_c
+    b_h0 = dh_c
     if CELL == LSTM:
         dc_c = tl.load(dcn_ptr + p_state * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
         b_c0 = tl.load(c0_ptr + p_state * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
@@ -171,60 +184,58 @@ def _recurrence_bwd_persistent_kernel(
         dh = dh_c + tl.load(dy_ptr + t64 * stride_dyt + ob64[:, None] * stride_dyb + i_d * P
                             + o_p[None, :], mask=m_bp, other=0.0).to(ACC)
         if HAS_LENGTHS:
-            act = (t < b_len)[:, None]
+            row_act = (t < b_len)[:, None]
         else:
-            act = m_b[:, None]
-        p_dg = dgx_ptr + p_row * (G * H) + o_h[None, :]
+            row_act = m_b[:, None]
+        act = row_act & m_bh  # inactive rows and padding lanes: no gate gradient
+        s0, s1, s2, s3 = dh, dh, dh, dh
+        if CELL == LSTM or CELL == GRU:
+            s0, s1, s2, s3 = load_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], m_bh, H,
+                                        ACC)
+        dr = dh
+        c_t = dh
+        c_prev = dh
+        h_prev = dh
+        h_t = dh
         if CELL == LSTM:
             if HAS_PROJ:
                 dr = tl.dot(tl.where(m_bp, dh, 0.0).to(W_DTYPE), b_wr,
                             input_precision=PRECISION).to(ACC)
-            else:
-                dr = dh
-            i, f, g, o = load_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], m_bh, H, ACC)
             c_t = tl.load(cell_ptr + p_row * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
             c_prev = tl.where(has_prev, tl.load(cell_ptr + p_row_prev * H + o_h[None, :],
                                                 mask=m_bh & has_prev, other=0.0).to(ACC), b_c0)
-            di, df, dg, do, dc_prev = lstm_bwd_pointwise(dr, dc_c, i, f, g, o, c_t, c_prev)
-            act_h = act & m_h[None, :]  # inactive rows and padding lanes: zero
-            di = tl.where(act_h, di, 0.0)
-            df = tl.where(act_h, df, 0.0)
-            dg = tl.where(act_h, dg, 0.0)
-            do = tl.where(act_h, do, 0.0)
-            store_gates(p_dg, di, df, dg, do, m_bh, H, 4)
-            dh_new = (tl.dot(di.to(W_DTYPE), b_w0, input_precision=PRECISION).to(ACC)
-                      + tl.dot(df.to(W_DTYPE), b_w1, input_precision=PRECISION).to(ACC)
-                      + tl.dot(dg.to(W_DTYPE), b_w2, input_precision=PRECISION).to(ACC)
-                      + tl.dot(do.to(W_DTYPE), b_w3, input_precision=PRECISION).to(ACC))
-            dc_c = tl.where(act, dc_prev, dc_c)
         elif CELL == GRU:
-            r, z, n, hn = load_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], m_bh, H, ACC)
             h_prev = tl.where(has_prev, tl.load(
                 y_ptr + t_prev * stride_yt + ob64[:, None] * stride_yb + i_d * P + o_p[None, :],
                 mask=m_bp & has_prev, other=0.0).to(ACC), b_h0)
-            dr, dz, dnx, dnh, dh_z = gru_bwd_pointwise(dh, r, z, n, hn, h_prev)
-            act_h = act & m_h[None, :]
-            dr = tl.where(act_h, dr, 0.0)
-            dz = tl.where(act_h, dz, 0.0)
-            dnx = tl.where(act_h, dnx, 0.0)
-            dnh = tl.where(act_h, dnh, 0.0)
-            store_gates(p_dg, dr, dz, dnx, dnx, m_bh, H, 3)
-            store_gates(dgh_ptr + p_row * (G * H) + o_h[None, :], dr, dz, dnh, dnh, m_bh, H, 3)
-            dh_new = (tl.dot(dr.to(W_DTYPE), b_w0, input_precision=PRECISION).to(ACC)
-                      + tl.dot(dz.to(W_DTYPE), b_w1, input_precision=PRECISION).to(ACC)
-                      + tl.dot(dnh.to(W_DTYPE), b_w2, input_precision=PRECISION).to(ACC)
-                      + dh_z)
         else:
             h_t = tl.load(y_ptr + t64 * stride_yt + ob64[:, None] * stride_yb + i_d * P
                           + o_p[None, :], mask=m_bp, other=0.0).to(ACC)
-            da = tl.where(act & m_h[None, :], rnn_act_bwd(dh, h_t, CELL), 0.0)
-            tl.store(p_dg, da.to(G_DTYPE), mask=m_bh)
-            dh_new = tl.dot(da.to(W_DTYPE), b_w0, input_precision=PRECISION).to(ACC)
+        g0, g1, g2, g3, gh2, dh_keep, dc_c = cell_backward(dr, dc_c, s0, s1, s2, s3, c_t, c_prev,
+                                                           h_prev, h_t, act, CELL)
+        p_dg = dgx_ptr + p_row * (G * H) + o_h[None, :]
+        if G == 1:
+            tl.store(p_dg, g0.to(G_DTYPE), mask=m_bh)
+        else:
+            store_gates(p_dg, g0, g1, g2, g3, m_bh, H, G)
+        if CELL == GRU:
+            store_gates(dgh_ptr + p_row * (G * H) + o_h[None, :], g0, g1, gh2, gh2, m_bh, H, 3)
+        # dh of the step before: dG @ W_hh over the gates, plus what bypasses W_hh.
+        rec = tl.dot(g0.to(W_DTYPE), b_w0, input_precision=PRECISION).to(ACC)
+        if G >= 3:
+            rec += tl.dot(g1.to(W_DTYPE), b_w1, input_precision=PRECISION).to(ACC)
+            rec += tl.dot(gh2.to(W_DTYPE), b_w2, input_precision=PRECISION).to(ACC)
+        if G == 4:
+            rec += tl.dot(g3.to(W_DTYPE), b_w3, input_precision=PRECISION).to(ACC)
         if HAS_PROJ:
             tl.store(dhp_ptr + p_row * P + o_p[None, :],
-                     tl.where(act, dh, 0.0).to(dhp_ptr.dtype.element_ty), mask=m_bp)
-        # An inactive row (past its length) passes its gradient through unchanged.
-        dh_c = tl.where(act, dh_new, dh)
+                     tl.where(row_act, dh, 0.0).to(dhp_ptr.dtype.element_ty),
+                     mask=m_bp)
+        # Inactive rows (past their length) got zero gate gradients: dh passes through.
+        if CELL == LSTM and HAS_PROJ:
+            dh_c = rec + tl.where(row_act, 0.0, dh)
+        else:
+            dh_c = rec + dh_keep
 
     tl.store(dh0_ptr + p_state * P + o_p[None, :], dh_c.to(dh0_ptr.dtype.element_ty), mask=m_bp)
     if CELL == LSTM:
@@ -233,42 +244,66 @@ def _recurrence_bwd_persistent_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Launchers. ``f`` / ``b`` are the Forward / Backward problems built in recurrence.py.
+# Planning and launchers.
 
+# Largest padded weight footprint (elements of W_hh, plus W_hr) kept by one program. Measured on
+# an H100 (fp16 LSTM, B=16): at H=64 (16384 elements) persistent beat cooperative, 2.5 against
+# 3.3 us per step; at H=128 (65536) it lost, 5.4 against 3.7.
+MAX_WEIGHTS = 16384
 BLOCK_B = 16
+TILES = (16, 64, 128)   # the hidden / projection tiles a program may use (padding is masked)
 
 
-def _grid(B, D):
-    return (triton.cdiv(B, BLOCK_B), D)
+def _tile(n: int) -> int:
+    return next(t for t in TILES if n <= t) if n <= TILES[-1] else block(n)
 
 
-def forward(f):
-    _recurrence_fwd_persistent_kernel[_grid(f.B, f.D)](
-        f.xg, f.xg.stride(0), f.xg.stride(1),
-        f.h0, f.c0, f.w_hh, f.b_hn, f.w_hr, f.lengths,
-        f.y, f.y.stride(0), f.y.stride(1),
-        f.hn, f.cn, f.gates, f.cell,
-        f.T, f.B, f.H, f.P,
-        CELL=f.mode, G=f.G, NSAVE=f.NSAVE,
-        HAS_BHN=f.has_bhn, HAS_PROJ=f.has_proj, HAS_LENGTHS=f.has_lengths,
-        SAVE=f.save, ACC=f.acc, PRECISION=f.precision,
-        BLOCK_B=BLOCK_B, BLOCK_H=f.block_h, BLOCK_P=f.block_p,
+def plan(problem: Problem, spec: DeviceSpec) -> Plan:
+    bh, bp = _tile(problem.H), _tile(problem.P)
+    weights = problem.G * bh * bp + (bh * bp if problem.has_proj else 0)
+    if weights > MAX_WEIGHTS:
+        raise DoesNotFit(f"W_hh is {weights} padded elements, more than one program holds "
+                         f"({MAX_WEIGHTS})")
+    # Triton stages every dot operand in shared memory: the weights (the tiles are
+    # loop-invariant), the state tile, and the projection's operand; tf32x3 splits each
+    # fp32 operand in two.
+    shared = (weights + BLOCK_B * (bp + bh)) * problem.itemsize * operand_copies(problem)
+    if shared > spec.smem_per_block:
+        raise DoesNotFit(f"needs about {shared} bytes of shared memory, the device has "
+                         f"{spec.smem_per_block} per block")
+    fwd = KernelConfig("_recurrence_fwd_persistent_kernel", BLOCK_B, bh, bp, 4, 1, shared)
+    bwd = KernelConfig("_recurrence_bwd_persistent_kernel", BLOCK_B, bh, bp, 4, 1, shared)
+    return Plan("persistent", (fwd, bwd), grid=(triton.cdiv(problem.B, BLOCK_B), problem.D))
+
+
+def forward(a: ForwardArgs, the_plan: Plan) -> int:
+    cfg = the_plan.config("_recurrence_fwd_persistent_kernel")
+    launch_kernel(
+        _recurrence_fwd_persistent_kernel, (triton.cdiv(a.B, cfg.block_b), a.D),
+        xg_ptr=a.xg, stride_xt=a.xg.stride(0), stride_xb=a.xg.stride(1),
+        h0_ptr=a.h0, c0_ptr=a.c0, w_hh_ptr=a.w_hh, b_hn_ptr=a.b_hn, w_hr_ptr=a.w_hr,
+        len_ptr=a.lengths, y_ptr=a.y, stride_yt=a.y.stride(0), stride_yb=a.y.stride(1),
+        hn_ptr=a.hn, cn_ptr=a.cn, gates_ptr=a.gates, cell_ptr=a.cell,
+        T=a.T, B=a.B, H=a.H, P=a.P,
+        CELL=a.mode, G=a.G, NSAVE=a.NSAVE, SAVE=a.save, ACC=a.ACC, PRECISION=a.precision,
+        BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_P=cfg.block_k,
+        **cfg.launch_options(),
     )
     return 1
 
 
-def backward(b):
-    _recurrence_bwd_persistent_kernel[_grid(b.B, b.D)](
-        b.dy, b.dy.stride(0), b.dy.stride(1),
-        b.dhn, b.dcn,
-        b.y, b.y.stride(0), b.y.stride(1),
-        b.h0, b.c0, b.gates, b.cell,
-        b.w_hh, b.w_hr, b.lengths,
-        b.dgx, b.dgh, b.dhp, b.dh0, b.dc0,
-        b.T, b.B, b.H, b.P,
-        CELL=b.mode, G=b.G, NSAVE=b.NSAVE,
-        HAS_PROJ=b.has_proj, HAS_LENGTHS=b.has_lengths,
-        ACC=b.acc, PRECISION=b.precision,
-        BLOCK_B=BLOCK_B, BLOCK_H=b.block_h, BLOCK_P=b.block_p,
+def backward(b: BackwardArgs, the_plan: Plan) -> int:
+    cfg = the_plan.config("_recurrence_bwd_persistent_kernel")
+    launch_kernel(
+        _recurrence_bwd_persistent_kernel, (triton.cdiv(b.B, cfg.block_b), b.D),
+        dy_ptr=b.dy, stride_dyt=b.dy.stride(0), stride_dyb=b.dy.stride(1),
+        dhn_ptr=b.dhn, dcn_ptr=b.dcn, y_ptr=b.y, stride_yt=b.y.stride(0),
+        stride_yb=b.y.stride(1), h0_ptr=b.h0, c0_ptr=b.c0, gates_ptr=b.gates, cell_ptr=b.cell,
+        w_hh_ptr=b.w_hh, w_hr_ptr=b.w_hr, len_ptr=b.lengths,
+        dgx_ptr=b.dgx, dgh_ptr=b.dgh, dhp_ptr=b.dhp, dh0_ptr=b.dh0, dc0_ptr=b.dc0,
+        T=b.T, B=b.B, H=b.H, P=b.P,
+        CELL=b.mode, G=b.G, NSAVE=b.NSAVE, ACC=b.ACC, PRECISION=b.precision,
+        BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_P=cfg.block_k,
+        **cfg.launch_options(),
     )
     return 1

@@ -1,157 +1,90 @@
 """The recurrence op: the only place where time is sequential.
 
-``recurrence(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save)`` runs one
-layer, all of its directions: one GEMM projects the input of every step and direction
-(``xg = x W_ih^T + b_x``), then a Triton kernel runs the sequential part. It is a ``torch.library``
-custom op (``fastrnn::recurrence``) with a fake implementation and registered autograd, so
-``torch.compile`` traces it without graph breaks. Its backward is a second custom op,
-``fastrnn::recurrence_backward``, that runs the backward kernel (backpropagation through time);
-the gradients of the input and of the weights are whole-sequence GEMMs after it. With
+``recurrence(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save, strategy)``
+runs one layer, all of its directions: one GEMM projects the input of every step and direction
+(``xg = x W_ih^T + b_x``), then a Triton kernel runs the sequential part. It is a
+``torch.library`` custom op (``fastrnn::recurrence``) with a fake implementation and registered
+autograd, so ``torch.compile`` traces it without graph breaks. Its backward is a second custom op,
+``fastrnn::recurrence_backward``: the backward kernel (backpropagation through time) and, after
+it, the whole-sequence GEMMs for the gradients of the input and the weights. With
 ``create_graph=True`` (double backward) the backward instead differentiates the plain-PyTorch
 reference, recomputed from the saved inputs.
 
-Strategies (one module each, each with ``forward(problem)`` and ``backward(problem)``):
+``strategy`` names the kernel strategy (``select.resolve`` decides it where the layer is called;
+"" lets the op decide). The autograd context records it, so the backward runs the strategy the
+forward ran, on whichever thread autograd runs it.
 
-* ``persistent``: one program per batch tile and direction loops over time (small hidden sizes).
-* ``stepwise``: one launch per step, any size.
-* ``cooperative``: a grid of at most one program per SM shares each recurrence, one grid
-  barrier per step (medium hidden sizes; no proj_size).
-
-``select_strategy`` picks one; ``force_strategy`` / ``FASTRNN_STRATEGY`` override it.
+Precision: on CUDA, fp32 recurrences and every GEMM of the op follow cuDNN's RNN TF32 switch, as
+torch.nn's cuDNN RNNs do (``select.precision``). All of it happens inside the ops, so it holds
+under torch.compile too.
 
 Shapes (D directions, G gates, H hidden, P = proj_size or H):
 x [T, B, I] (a batch-major tensor seen time-major when batch_first); w_ih [D*G*H, I];
-b_x [D*G*H] (b_ih plus the parts of b_hh that can be pre-summed); h0 [D, B, P]; c0 [D, B, H] (LSTM); w_hh [D, G*H, P]; b_hn [D, H] (GRU with
-bias); w_hr [D, P, H] (LSTM with proj_size); lengths [B] int (packed input, sorted decreasing).
-Outputs: y [T, B, D*P] (batch-major memory when batch_first), h_n [D, B, P], c_n [D, B, H], and the
-activations saved for backward: gates [T, B, D, NSAVE*H] and cell [T, B, D, H] (LSTM).
+b_x [D*G*H] (b_ih plus the parts of b_hh that can be pre-summed); h0 [D, B, P]; c0 [D, B, H]
+(LSTM); w_hh [D, G*H, P]; b_hn [D, H] (GRU with bias); w_hr [D, P, H] (LSTM with proj_size);
+lengths [B] int (packed input, sorted decreasing). Outputs: y [T, B, D*P] (batch-major memory when
+batch_first), h_n [D, B, P], c_n [D, B, H], and the activations saved for backward: gates
+[T, B, D, NSAVE*H] and cell [T, B, D, H] (LSTM); empty where not saved.
 """
 
-import collections
+from __future__ import annotations
+
 import contextlib
-import contextvars
-import os
-import threading
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 from torch import Tensor
 
 from .. import _modes
-from ..backend import interpreting
-from . import cooperative, persistent, stepwise
-
-STRATEGIES = {
-    "persistent": persistent,
-    "stepwise": stepwise,
-    "cooperative": cooperative,
-}
-
-# Kernel launches per strategy and direction of the pass: lets tests prove the kernels ran.
-LAUNCHES: collections.Counter = collections.Counter()
-
-# Largest padded weight footprint (elements of W_hh, plus W_hr) the persistent strategy keeps in
-# one program. Beyond it the tiles spill out of registers.
-PERSISTENT_MAX_WEIGHTS = 16384
-
-# Per thread / task, so one thread's override never leaks into another's.
-_forced: contextvars.ContextVar = contextvars.ContextVar("fastrnn_strategy", default=None)
+from . import select
+from .args import BackwardArgs, ForwardArgs, acc_dtype
+from .select import LAUNCHES, force_strategy, select_strategy  # noqa: F401 (public names)
 
 
-# The Triton interpreter patches triton.language globally while a kernel runs, so two threads
-# must not interpret kernels at once. On a GPU, launches need no lock.
-_INTERPRETER_LOCK = threading.Lock()
+def _problem(mode: int, B: int, w_hh: Tensor, device: torch.device) -> select.Problem:
+    D, GH, P = w_hh.shape
+    return select.Problem(mode, B, GH // _modes.NUM_GATES[mode], P, D, w_hh.dtype,
+                          select.precision(w_hh.dtype, device))
 
 
-def _launch(name: str, direction: str, problem) -> None:
-    run = getattr(STRATEGIES[name], "forward" if direction == "fwd" else "backward")
-    if interpreting():
-        with _INTERPRETER_LOCK:
-            LAUNCHES[name, direction] += run(problem)
-    else:
-        LAUNCHES[name, direction] += run(problem)
-
-
-def _check_strategy(name: str) -> str:
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown fastrnn strategy {name!r}; choose from {sorted(STRATEGIES)}")
-    return name
+def _plan(mode: int, B: int, w_hh: Tensor, device: torch.device, strategy: str) -> select.Plan:
+    return select.plan(_problem(mode, B, w_hh, device), select.describe(device),
+                       strategy or select.forced_strategy() or None)
 
 
 @contextlib.contextmanager
-def force_strategy(name: Optional[str]):
-    """Run every recurrence inside the block with strategy ``name`` (None: automatic)."""
-    token = _forced.set(None if name is None else _check_strategy(name))
+def gemm_precision(dtype: torch.dtype, device: torch.device):
+    """The op's GEMMs (cuBLAS) in the recurrence's precision: on CUDA, fp32 follows cuDNN's RNN
+    TF32 switch rather than torch's matmul switch. The switch is process-wide, so it is set only
+    for the duration of the op's own GEMMs, and only when it differs."""
+    if dtype != torch.float32 or torch.device(device).type != "cuda":
+        yield
+        return
+    want = select.cudnn_rnn_tf32()
+    matmul = torch.backends.cuda.matmul
+    # Speak the API the user's setting is readable in: torch refuses to mix the legacy
+    # ``allow_tf32`` with ``fp32_precision`` (torch >= 2.9) once they disagree.
+    try:
+        old, legacy = matmul.allow_tf32, True
+        current = old
+    except RuntimeError:
+        old, legacy = matmul.fp32_precision, False
+        current = old == "tf32"
+    if current == want:
+        yield
+        return
+    if legacy:
+        matmul.allow_tf32 = want
+    else:
+        matmul.fp32_precision = "tf32" if want else "ieee"
     try:
         yield
     finally:
-        _forced.reset(token)
-
-
-def _block(n: int) -> int:
-    # tl.dot needs every dimension >= 16 on a GPU; padding is masked.
-    return max(16, triton.next_power_of_2(n))
-
-
-# The cooperative kernel's grid barrier has only run under the interpreter (one program per
-# group) so far; until it has been validated and timed on a GPU it runs only when asked for.
-COOPERATIVE_VALIDATED = False
-
-
-def select_strategy(mode: int, H: int, P: int, B: int, dtype: torch.dtype,
-                    device: torch.device, has_proj: bool) -> str:
-    """The one place that picks a strategy for a problem."""
-    forced = _forced.get() or os.environ.get("FASTRNN_STRATEGY") or None
-    if forced:
-        return _check_strategy(forced)
-    weights = _modes.NUM_GATES[mode] * _block(H) * _block(P)
-    if has_proj:
-        weights += _block(H) * _block(P)
-    if weights <= PERSISTENT_MAX_WEIGHTS:
-        return "persistent"
-    if (COOPERATIVE_VALIDATED and not interpreting()
-            and cooperative.plan(mode, H, P, B, 2, device) is not None):
-        return "cooperative"
-    return "stepwise"
-
-
-def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
-    """fp32 recurrent GEMMs follow torch's TF32 switch for matmuls, as the input projection does."""
-    tf32 = (dtype == torch.float32 and device.type == "cuda" and not interpreting()
-            and torch.backends.cuda.matmul.allow_tf32)
-    return "tf32" if tf32 else "ieee"
-
-
-class _Problem:
-    """Sizes, compile-time flags and tensors shared by the launchers of every strategy."""
-
-    def __init__(self, mode, h0, w_hh, b_hn, w_hr, lengths, T):
-        self.mode = mode
-        self.G = _modes.NUM_GATES[mode]
-        self.NSAVE = _modes.NUM_SAVED[mode]
-        self.T = T
-        self.D, GH, self.P = w_hh.shape
-        self.H = GH // self.G
-        self.B = h0.shape[1]
-        self.has_bhn = b_hn is not None
-        self.has_proj = w_hr is not None
-        self.has_lengths = lengths is not None
-        dtype = w_hh.dtype
-        self.acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        self.acc = tl.float64 if dtype == torch.float64 else tl.float32
-        self.precision = dot_precision(dtype, h0.device)
-        self.block_h = _block(self.H)
-        self.block_p = _block(self.P)
-        # Tensors absent for this cell type are replaced by a harmless placeholder pointer.
-        self.w_hh = w_hh.contiguous()
-        self.h0 = h0.contiguous()
-        self.b_hn = b_hn.contiguous() if b_hn is not None else self.w_hh
-        self.w_hr = w_hr.contiguous() if w_hr is not None else self.w_hh
-        self.lengths = (lengths.to(device=h0.device, dtype=torch.int32) if lengths is not None
-                        else self.w_hh)
+        if legacy:
+            matmul.allow_tf32 = old
+        else:
+            matmul.fp32_precision = old
 
 
 def _forward_outputs(mode, x, h0, w_hh, batch_first, save):
@@ -168,87 +101,77 @@ def _forward_outputs(mode, x, h0, w_hh, batch_first, save):
     cn = torch.empty(D if is_lstm else 0, B, H, dtype=dtype, device=device)
     nsave = _modes.NUM_SAVED[mode] * H
     gates = torch.empty((T, B, D, nsave) if save and nsave else (0,), dtype=dtype, device=device)
-    cell_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    cell = torch.empty((T, B, D, H) if save and is_lstm else (0,), dtype=cell_dtype, device=device)
+    cell = torch.empty((T, B, D, H) if save and is_lstm else (0,), dtype=acc_dtype(dtype),
+                       device=device)
     return y, hn, cn, gates, cell
 
 
-def _project(x: Tensor, w_ih: Tensor, b_x: Optional[Tensor], batch_first: bool) -> Tensor:
+def project(x: Tensor, w_ih: Tensor, b_x: Optional[Tensor], batch_first: bool) -> Tensor:
     """xg = x W_ih^T + b_x for every step and direction in one GEMM, in x's memory layout."""
     if batch_first:
         return F.linear(x.transpose(0, 1), w_ih, b_x).transpose(0, 1)
     return F.linear(x, w_ih, b_x)
 
 
+def _some(t: Optional[Tensor]) -> Optional[Tensor]:
+    """None for an absent or empty (placeholder) tensor."""
+    return t if t is not None and t.numel() else None
+
+
+def _lengths(lengths: Optional[Tensor], device) -> Optional[Tensor]:
+    return None if lengths is None else lengths.to(device=device, dtype=torch.int32)
+
+
 @torch.library.custom_op("fastrnn::recurrence", mutates_args=())
 def recurrence(x: Tensor, w_ih: Tensor, b_x: Optional[Tensor], h0: Tensor, c0: Optional[Tensor],
                w_hh: Tensor, b_hn: Optional[Tensor], w_hr: Optional[Tensor],
-               lengths: Optional[Tensor], mode: int, batch_first: bool, save: bool
-               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+               lengths: Optional[Tensor], mode: int, batch_first: bool, save: bool,
+               strategy: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     y, hn, cn, gates, cell = _forward_outputs(mode, x, h0, w_hh, batch_first, save)
-    f = _Problem(mode, h0, w_hh, b_hn, w_hr, lengths, x.shape[0])
-    if f.B == 0:
+    T, B = x.shape[0], x.shape[1]
+    if B == 0:
         return y, hn, cn, gates, cell
-    f.xg = _project(x, w_ih, b_x, batch_first)
-    f.c0 = c0.contiguous() if c0 is not None else f.h0
-    f.y, f.hn, f.cn, f.gates, f.cell = y, hn, cn, gates, cell
-    f.cell_dtype = f.acc_dtype
-    f.save = save
-    name = select_strategy(mode, f.H, f.P, f.B, w_hh.dtype, x.device, f.has_proj)
-    _launch(name, "fwd", f)
+    device = x.device
+    the_plan = _plan(mode, B, w_hh, device, strategy)
+    with gemm_precision(w_hh.dtype, device):
+        xg = project(x, w_ih, b_x, batch_first)
+    D, GH, P = w_hh.shape
+    args = ForwardArgs(
+        mode=mode, T=T, B=B, H=GH // _modes.NUM_GATES[mode], P=P, D=D,
+        precision=select.precision(w_hh.dtype, device),
+        xg=xg, h0=h0.contiguous(), c0=c0.contiguous() if c0 is not None else None,
+        w_hh=w_hh.contiguous(), b_hn=b_hn.contiguous() if b_hn is not None else None,
+        w_hr=w_hr.contiguous() if w_hr is not None else None, lengths=_lengths(lengths, device),
+        y=y, hn=hn, cn=_some(cn), gates=_some(gates), cell=_some(cell), save=save)
+    select.launch(the_plan.strategy, "fwd", args, the_plan)
     return y, hn, cn, gates, cell
 
 
 @recurrence.register_fake
-def _(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save):
+def _(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save, strategy):
     return _forward_outputs(mode, x, h0, w_hh, batch_first, save)
 
 
-def _backward_outputs(mode, dy, h0, w_hh, w_hr):
-    T, B = dy.shape[0], dy.shape[1]
+# Which gradients the backward op computes: a bit per differentiable input of ``recurrence``.
+GRAD_X, GRAD_W_IH, GRAD_B_X, GRAD_H0, GRAD_C0, GRAD_W_HH, GRAD_B_HN, GRAD_W_HR = (
+    1 << i for i in range(8))
+
+
+def _backward_outputs(mode, dy, x, w_ih, h0, w_hh, w_hr, has_b_x, has_b_hn, wanted, groups=1):
+    """Empty tensors for the gradients not wanted (an op cannot return None)."""
     D, GH, P = w_hh.shape
     H = GH // _modes.NUM_GATES[mode]
     dtype, device = dy.dtype, dy.device
-    dgx = torch.empty(T, B, D * GH, dtype=dtype, device=device)
-    dgh = torch.empty((T, B, D * GH) if mode == _modes.GRU else (0,), dtype=dtype, device=device)
-    dhp = torch.empty((T, B, D * P) if w_hr is not None else (0,), dtype=dtype, device=device)
-    dh0 = torch.empty(D, B, P, dtype=h0.dtype, device=device)
-    dc0 = torch.empty((D, B, H) if mode == _modes.LSTM else (0,), dtype=h0.dtype, device=device)
-    return dgx, dgh, dhp, dh0, dc0
+    lead = (groups,) if groups > 1 else ()
 
+    def out(bit, *shape):
+        return torch.empty(shape if wanted & bit else (0,), dtype=dtype, device=device)
 
-@torch.library.custom_op("fastrnn::recurrence_backward", mutates_args=())
-def recurrence_backward(dy: Tensor, dhn: Tensor, dcn: Optional[Tensor], y: Tensor, h0: Tensor,
-                        c0: Optional[Tensor], gates: Tensor, cell: Tensor, w_hh: Tensor,
-                        w_hr: Optional[Tensor], lengths: Optional[Tensor], mode: int
-                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of the input projections xg (dgx, time-major), of W_hh h (+ b_hh) where they
-    differ (GRU: dgh), of every h_t (proj_size: dhp), and of h0, c0."""
-    dgx, dgh, dhp, dh0, dc0 = _backward_outputs(mode, dy, h0, w_hh, w_hr)
-    b = _Problem(mode, h0, w_hh, None, w_hr, lengths, dy.shape[0])
-    if b.B == 0:
-        dh0.zero_()
-        dc0.zero_()
-        return dgx, dgh, dhp, dh0, dc0
-    b.dy = dy.contiguous()
-    b.dhn = dhn.contiguous()
-    b.dcn = dcn.contiguous() if dcn is not None else b.dhn
-    b.y = y
-    b.c0 = c0.contiguous() if c0 is not None else b.h0
-    b.gates = gates if gates.numel() else b.w_hh
-    b.cell = cell if cell.numel() else b.w_hh
-    b.dgx = dgx
-    b.dgh = dgh if dgh.numel() else dgx
-    b.dhp = dhp if dhp.numel() else dgx
-    b.dh0, b.dc0 = dh0, (dc0 if dc0.numel() else dh0)
-    name = select_strategy(mode, b.H, b.P, b.B, w_hh.dtype, dy.device, b.has_proj)
-    _launch(name, "bwd", b)
-    return dgx, dgh, dhp, dh0, dc0
-
-
-@recurrence_backward.register_fake
-def _(dy, dhn, dcn, y, h0, c0, gates, cell, w_hh, w_hr, lengths, mode):
-    return _backward_outputs(mode, dy, h0, w_hh, w_hr)
+    return (out(GRAD_X, *x.shape), out(GRAD_W_IH, *lead, *w_ih.shape),
+            out(GRAD_B_X if has_b_x else 0, *lead, w_ih.shape[0]),
+            out(GRAD_H0, *h0.shape), out(GRAD_C0 if mode == _modes.LSTM else 0, D, h0.shape[1], H),
+            out(GRAD_W_HH, *lead, *w_hh.shape), out(GRAD_B_HN if has_b_hn else 0, *lead, D, H),
+            out(GRAD_W_HR if w_hr is not None else 0, *lead, D, P, H))
 
 
 def _previous_states(y: Tensor, h0: Tensor) -> Tensor:
@@ -261,13 +184,106 @@ def _previous_states(y: Tensor, h0: Tensor) -> Tensor:
     return torch.stack(prev, dim=2)
 
 
+def backward_impl(dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, lengths, mode,
+                  batch_first, has_b_x, has_b_hn, wanted, strategy, groups=1):
+    """The backward op's work. ``groups`` > 1 (vmap) sums the weight gradients per group of
+    consecutive batch rows instead of over the whole batch, giving them a leading group dim."""
+    grads = _backward_outputs(mode, dy, x, w_ih, h0, w_hh, w_hr, has_b_x, has_b_hn, wanted,
+                              groups)
+    d_x, d_w_ih, d_b_x, dh0, dc0, d_w_hh, d_b_hn, d_w_hr = grads
+    T, B = dy.shape[0], dy.shape[1]
+    D, GH, P = w_hh.shape
+    H = GH // _modes.NUM_GATES[mode]
+    device = dy.device
+    if B == 0 or T == 0:
+        for g in grads:
+            g.zero_()
+        return grads
+    the_plan = _plan(mode, B, w_hh, device, strategy)
+    is_lstm = mode == _modes.LSTM
+    dgx = torch.empty(T, B, D * GH, dtype=dy.dtype, device=device)
+    dgh = torch.empty(T, B, D * GH, dtype=dy.dtype, device=device) if mode == _modes.GRU else None
+    dhp = torch.empty(T, B, D * P, dtype=dy.dtype, device=device) if w_hr is not None else None
+    dh0_k = dh0 if wanted & GRAD_H0 else torch.empty_like(h0)
+    dc0_k = (dc0 if wanted & GRAD_C0 else torch.empty_like(c0)) if is_lstm else None
+    args = BackwardArgs(
+        mode=mode, T=T, B=B, H=H, P=P, D=D, precision=select.precision(w_hh.dtype, device),
+        dy=dy.contiguous(), dhn=dhn.contiguous(), dcn=dcn.contiguous() if is_lstm else None,
+        y=y, h0=h0.contiguous(), c0=c0.contiguous() if is_lstm else None,
+        gates=_some(gates), cell=_some(cell), w_hh=w_hh.contiguous(),
+        w_hr=w_hr.contiguous() if w_hr is not None else None, lengths=_lengths(lengths, device),
+        dgx=dgx, dgh=dgh, dhp=dhp, dh0=dh0_k, dc0=dc0_k)
+    select.launch(the_plan.strategy, "bwd", args, the_plan)
+
+    # Everything parallel over time: whole-sequence GEMMs (per group of rows under vmap).
+    def rows(t, width):
+        """[T, B, width] -> [groups, T * B / groups, width]."""
+        return t.reshape(T, groups, B // groups, width).transpose(0, 1).reshape(
+            groups, -1, width)
+
+    def done(t):
+        return t if groups > 1 else t[0]
+
+    grads = list(grads)
+    with gemm_precision(w_hh.dtype, device):
+        if wanted & GRAD_X:
+            grads[0] = torch.matmul(dgx, w_ih)  # time-major, like the x the op was given
+        if wanted & (GRAD_W_IH | GRAD_B_X):
+            g = rows(dgx, D * GH)
+            if wanted & GRAD_W_IH:
+                grads[1] = done(torch.bmm(g.transpose(1, 2), rows(x, x.shape[-1])))
+            if has_b_x and wanted & GRAD_B_X:
+                grads[2] = done(g.sum(dim=1))
+        dgh4 = (dgh if dgh is not None else dgx).view(T, B, D, GH)
+        if wanted & (GRAD_W_HH | GRAD_B_HN):
+            g = rows(dgh4.reshape(T, B, D * GH), D * GH).unflatten(-1, (D, GH))
+            if wanted & GRAD_W_HH:
+                prev = rows(_previous_states(y, h0).reshape(T, B, D * P), D * P).unflatten(
+                    -1, (D, P))
+                grads[5] = done(torch.einsum("nrdg,nrdp->ndgp", g, prev))
+            if has_b_hn and wanted & GRAD_B_HN:
+                grads[6] = done(g[..., 2 * H:].sum(dim=1))
+        if w_hr is not None and wanted & GRAD_W_HR:
+            o = gates[..., 3 * H:4 * H]
+            r = (o.to(cell.dtype) * torch.tanh(cell)).to(y.dtype)
+            grads[7] = done(torch.einsum(
+                "nrdp,nrdh->ndph", rows(dhp, D * P).unflatten(-1, (D, P)),
+                rows(r.reshape(T, B, D * H), D * H).unflatten(-1, (D, H))))
+    return tuple(g.contiguous() for g in grads)
+
+
+@torch.library.custom_op("fastrnn::recurrence_backward", mutates_args=())
+def recurrence_backward(dy: Tensor, dhn: Tensor, dcn: Optional[Tensor], x: Tensor, w_ih: Tensor,
+                        y: Tensor, h0: Tensor, c0: Optional[Tensor], gates: Tensor, cell: Tensor,
+                        w_hh: Tensor, w_hr: Optional[Tensor], lengths: Optional[Tensor],
+                        mode: int, batch_first: bool, has_b_x: bool, has_b_hn: bool, wanted: int,
+                        strategy: str
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr), those ``wanted`` (GRAD_* bits);
+    the others come back empty. ``x`` and ``dx`` are time-major views, as in the forward op."""
+    return backward_impl(dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, lengths,
+                         mode, batch_first, has_b_x, has_b_hn, wanted, strategy)
+
+
+@recurrence_backward.register_fake
+def _(dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, lengths, mode, batch_first,
+      has_b_x, has_b_hn, wanted, strategy):
+    return _backward_outputs(mode, dy, x, w_ih, h0, w_hh, w_hr, has_b_x, has_b_hn, wanted)
+
+
 def _setup_context(ctx, inputs, output):
-    x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save = inputs
+    (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save,
+     strategy) = inputs
     y, _, _, gates, cell = output
     ctx.mode = mode
     ctx.batch_first = batch_first
     ctx.saved_activations = save
-    ctx.present = [t is not None for t in (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr)]
+    # The strategy the forward ran (resolved now if the caller left it to the op): the backward
+    # runs the same one, whichever thread autograd runs it on.
+    ctx.strategy = strategy or (_plan(mode, x.shape[1], w_hh, x.device, "").strategy
+                                if x.shape[1] else "")
+    ctx.has_b_x = b_x is not None
+    ctx.has_b_hn = b_hn is not None
     ctx.mark_non_differentiable(gates, cell)
     ctx.save_for_backward(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, y, gates, cell)
 
@@ -278,7 +294,7 @@ def _differentiable_backward(ctx, dy, dhn, dcn):
     from ..reference import recurrence_reference
 
     x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, _, _, _ = ctx.saved_tensors
-    xg = _project(x, w_ih, b_x, ctx.batch_first)
+    xg = project(x, w_ih, b_x, ctx.batch_first)
     y, hn, cn = recurrence_reference(ctx.mode, xg, h0, c0, w_hh, b_hn, w_hr, lengths)
     inputs = (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr)
     wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
@@ -288,7 +304,7 @@ def _differentiable_backward(ctx, dy, dhn, dcn):
         grads.append(dcn)
     got = torch.autograd.grad(outs, [inputs[i] for i in wanted], grads, create_graph=True,
                               allow_unused=True)
-    result = [None] * 12
+    result = [None] * 13
     for i, g in zip(wanted, got):
         result[i] = g if g is not None else torch.zeros_like(inputs[i])
     return tuple(result)
@@ -308,32 +324,14 @@ def _backward(ctx, dy, dhn, dcn, _dgates, _dcell):
     if not ctx.saved_activations and mode in (_modes.LSTM, _modes.GRU):
         raise RuntimeError("fastrnn: backward through a recurrence run without saved "
                            "activations (it ran under no_grad or with inputs not requiring grad)")
-    dgx, dgh, dhp, dh0, dc0 = recurrence_backward(
-        dy, dhn, dcn if mode == _modes.LSTM else None, y, h0, c0, gates, cell, w_hh,
-        w_hr, lengths, mode)
-    T, B = y.shape[0], y.shape[1]
-    D, GH, P = w_hh.shape
-    H = GH // _modes.NUM_GATES[mode]
     needs = ctx.needs_input_grad
-    dgx2 = dgx.view(T * B, D * GH)
-    d_x = d_w_ih = d_b_x = d_w_hh = d_b_hn = d_w_hr = None
-    if needs[0]:
-        d_x = torch.matmul(dgx, w_ih)  # time-major, like the x the op was given
-    if needs[1]:
-        d_w_ih = dgx2.t().mm(x.reshape(T * B, x.shape[-1]))
-    if b_x is not None and needs[2]:
-        d_b_x = dgx2.sum(dim=0)
-    dgh4 = (dgh if mode == _modes.GRU else dgx).view(T, B, D, GH)
-    if needs[5]:
-        d_w_hh = torch.einsum("tbdg,tbdp->dgp", dgh4, _previous_states(y, h0))
-    if b_hn is not None and needs[6]:
-        d_b_hn = dgh4[..., 2 * H:].sum(dim=(0, 1))
-    if w_hr is not None and needs[7]:
-        o = gates[..., 3 * H:4 * H]
-        r = (o.to(cell.dtype) * torch.tanh(cell)).to(y.dtype)
-        d_w_hr = torch.einsum("tbdp,tbdh->dph", dhp.view(T, B, D, P), r)
-    return (d_x, d_w_ih, d_b_x, dh0, dc0 if c0 is not None else None, d_w_hh, d_b_hn, d_w_hr,
-            None, None, None, None)
+    wanted = sum(1 << i for i in range(8) if needs[i])
+    grads = recurrence_backward(
+        dy, dhn, dcn if mode == _modes.LSTM else None, x, w_ih, y, h0, c0, gates, cell, w_hh,
+        w_hr, lengths, mode, ctx.batch_first, ctx.has_b_x, ctx.has_b_hn, wanted, ctx.strategy)
+    present = (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr)
+    out = [g if needs[i] and present[i] is not None else None for i, g in enumerate(grads)]
+    return tuple(out) + (None,) * 5
 
 
 torch.library.register_autograd("fastrnn::recurrence", _backward, setup_context=_setup_context)

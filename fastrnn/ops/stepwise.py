@@ -3,18 +3,27 @@
 Programs tile (batch, hidden units, direction); each computes all gates of its hidden units, so
 the recurrent GEMM and the cell's pointwise maths are fused and only h crosses programs, through
 global memory between launches. Both directions advance in the same launch. With proj_size a
-second launch per step applies W_hr. General, and correct under the interpreter; on a GPU it pays
-a launch per step, which is why the persistent strategies exist.
+second launch per step applies W_hr.
 
 Backward, per step in reverse: launch A forms the total dh of the step (dy plus the recurrent term
 ``dG_{next} @ W_hh``), launch B the cell's pointwise gradients; a final launch A forms dh0.
+
+The host cost of a launch through Triton's JIT (binding some 35 arguments, specialising, hashing
+the cache key) is 25-65 us; ``StepLauncher`` pays it once per sequence and each further step goes
+straight to the compiled kernel's launcher with only the step index changed.
 """
 
+import torch
 import triton
 import triton.language as tl
 
-from ._jit import (GRU, LSTM, cell_forward, gru_bwd_pointwise, load_gate_tiles, load_gates,
-                   lstm_bwd_pointwise, positive, prev_time, rnn_act_bwd, step_time, store_gates)
+from ._jit import (LSTM, GRU, cell_backward, cell_forward, load_gate_tiles, load_gates, positive,
+                   prev_time, step_time, store_gates)
+from .args import BackwardArgs, ForwardArgs, acc_dtype
+from .select import (DeviceSpec, DoesNotFit, KernelConfig, Plan, Problem, launch_kernel,
+                     operand_copies, resolve_heuristics)
+
+_LENGTHS = {"HAS_LENGTHS": lambda a: a["len_ptr"] is not None}
 
 
 @triton.jit
@@ -31,6 +40,7 @@ def _load_prev(y_ptr, stride_yt, stride_yb, t_prev, init_ptr, init_rows, init_wi
     return tl.where(has_prev, from_y, from_init)
 
 
+@triton.heuristics({**_LENGTHS, "HAS_BHN": lambda a: a["b_hn_ptr"] is not None})
 @triton.jit
 def _recurrence_fwd_step_kernel(
     xg_ptr, stride_xt, stride_xb,      # [T, B, D*G*H]
@@ -40,10 +50,10 @@ def _recurrence_fwd_step_kernel(
     r_ptr,                             # [D, B, H] o*tanh(c) of this step (projection only)
     gates_ptr, cell_ptr,               # [T, B, D, NSAVE*H], [T, B, D, H]
     s, T, B, H, P,
-    CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr,
-    HAS_BHN: tl.constexpr, HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr, HAS_PROJ: tl.constexpr,
     SAVE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BHN: tl.constexpr, HAS_LENGTHS: tl.constexpr,
 ):
     i_b = tl.program_id(0)
     i_h = tl.program_id(1)
@@ -117,13 +127,15 @@ def _recurrence_fwd_step_kernel(
         tl.store(p_y, tl.where(act, h_new, h_prev).to(Y_DTYPE), mask=m_bh)
 
 
+@triton.heuristics(_LENGTHS)
 @triton.jit
 def _projection_step_kernel(
     r_ptr, w_hr_ptr, h0_ptr, len_ptr,  # [D, B, H], [D, P, H], [D, B, P], [B]
     y_ptr, stride_yt, stride_yb,
     s, T, B, H, P,
-    HAS_LENGTHS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
 ):
     """LSTM with proj_size: h_t = r_t @ W_hr^T (inactive rows keep their state)."""
     i_b = tl.program_id(0)
@@ -158,31 +170,30 @@ def _projection_step_kernel(
              h_new.to(y_ptr.dtype.element_ty), mask=m_bp)
 
 
+@triton.heuristics(_LENGTHS)
 @triton.jit
 def _recurrence_bwd_step_dh_kernel(
     dy_ptr, stride_dyt, stride_dyb,    # [T, B, D*P]
     gates_ptr, w_hh_ptr, len_ptr,
     dgh_ptr,                           # [T, B, D, G*H] gradients of W_hh h (+ b_hh) so far
     dh_ptr,                            # [D, B, P] (ACC) total dh of the previous step, updated
-    dhp_ptr, dh0_ptr,                  # [T, B, D, P] (projection), [D, B, P] (FINAL)
+    dhp_ptr, dh0_ptr,                  # [T, B, D, P] (projection), [D, B, P] (last launch)
     k, T, B, H, P,
-    CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr,
-    HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, FINAL: tl.constexpr,
+    CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr, HAS_PROJ: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
 ):
     """Total dh of backward step k (forward step s = T-1-k): dy_t plus what flows back from the
-    step undone before it, ``dG_q @ W_hh + keep_q * dh_q``. FINAL: the same for dh0 (no dy)."""
+    step undone before it, ``dG_q @ W_hh + keep_q * dh_q``. k == T (the last launch): the same
+    for dh0, with no dy."""
     i_b = tl.program_id(0)
     i_p = tl.program_id(1)
     i_d = tl.program_id(2)
     D = tl.num_programs(2)
-    if FINAL:
-        s = 0 * k                          # forward step 0, the one undone last
-        q = s
-    else:
-        s = T - 1 - k
-        q = s + 1                          # the forward step undone just before (q == T: none)
+    final = k == T
+    s = tl.maximum(T - 1 - k, 0)           # the final launch reads like forward step 0
+    q = tl.where(final, 0, s + 1)          # the forward step undone just before (q == T: none)
     t = step_time(s, i_d, T)
     t_q = step_time(q, i_d, T)
     tq = tl.minimum(tl.maximum(t_q, 0), T - 1).to(tl.int64)
@@ -221,7 +232,7 @@ def _recurrence_bwd_step_dh_kernel(
         keep = tl.where(act_q, 0.0, 1.0)
     p_dh = dh_ptr + (i_d * B + ob64)[:, None] * P + o_p[None, :]
     dh = acc + keep * tl.load(p_dh, mask=m_bp, other=0.0)
-    if FINAL:
+    if final:
         tl.store(dh0_ptr + (i_d * B + ob64)[:, None] * P + o_p[None, :],
                  dh.to(dh0_ptr.dtype.element_ty), mask=m_bp)
     else:
@@ -239,6 +250,7 @@ def _recurrence_bwd_step_dh_kernel(
                      dh_p.to(dhp_ptr.dtype.element_ty), mask=m_bp)
 
 
+@triton.heuristics({**_LENGTHS, "HAS_PROJ": lambda a: a["w_hr_ptr"] is not None})
 @triton.jit
 def _recurrence_bwd_step_gates_kernel(
     y_ptr, stride_yt, stride_yb, h0_ptr, c0_ptr,
@@ -247,9 +259,9 @@ def _recurrence_bwd_step_gates_kernel(
     dgx_ptr, dgh_ptr,                  # [T, B, D, G*H]
     k, T, B, H, P,
     CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr,
-    HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_PROJ: tl.constexpr,
 ):
     """Gradients of the gate pre-activations of forward step s = T-1-k, for a hidden tile."""
     i_b = tl.program_id(0)
@@ -268,11 +280,10 @@ def _recurrence_bwd_step_gates_kernel(
     ob64 = o_b.to(tl.int64)
     G_DTYPE = dgx_ptr.dtype.element_ty
     p_row = (t64 * B + ob64)[:, None] * D + i_d
-    p_dg = dgx_ptr + p_row * (G * H) + o_h[None, :]
     if HAS_LENGTHS:
-        act = (t < tl.load(len_ptr + o_b, mask=m_b, other=0))[:, None]
+        act = (t < tl.load(len_ptr + o_b, mask=m_b, other=0))[:, None] & m_bh
     else:
-        act = m_b[:, None]
+        act = m_bh
 
     if HAS_PROJ:
         W_DTYPE = w_hr_ptr.dtype.element_ty
@@ -289,119 +300,218 @@ def _recurrence_bwd_step_gates_kernel(
         dr = tl.load(dh_ptr + (i_d * B + ob64)[:, None] * P + o_h[None, :], mask=m_bh,
                      other=0.0).to(ACC)
 
+    s0, s1, s2, s3 = dr, dr, dr, dr
+    if CELL == LSTM or CELL == GRU:
+        s0, s1, s2, s3 = load_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], m_bh, H, ACC)
+    c_t = dr
+    c_prev = dr
+    h_prev = dr
+    h_t = dr
+    dc = dr
     if CELL == LSTM:
-        i, f, g, o = load_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], m_bh, H, ACC)
         c_t = tl.load(cell_ptr + p_row * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
         c_prev = _load_prev(cell_ptr, B * D * H, D * H, t_prev, c0_ptr, i_d * B, H, s,
                             o_b, o_h, m_bh, i_d, H).to(ACC)
-        p_dc = dc_ptr + (i_d * B + ob64)[:, None] * H + o_h[None, :]
-        dc = tl.load(p_dc, mask=m_bh, other=0.0)
-        di, df, dg, do, dc_prev = lstm_bwd_pointwise(dr, dc, i, f, g, o, c_t, c_prev)
-        store_gates(p_dg, tl.where(act, di, 0.0), tl.where(act, df, 0.0),
-                    tl.where(act, dg, 0.0), tl.where(act, do, 0.0), m_bh, H, 4)
-        tl.store(p_dc, tl.where(act, dc_prev, dc), mask=m_bh)
+        dc = tl.load(dc_ptr + (i_d * B + ob64)[:, None] * H + o_h[None, :], mask=m_bh, other=0.0)
     elif CELL == GRU:
-        r, z, n, hn = load_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], m_bh, H, ACC)
         h_prev = _load_prev(y_ptr, stride_yt, stride_yb, t_prev, h0_ptr, i_d * B, P, s,
                             o_b, o_h, m_bh, i_d, P).to(ACC)
-        d_r, d_z, dnx, dnh, _ = gru_bwd_pointwise(dr, r, z, n, hn, h_prev)
-        d_r = tl.where(act, d_r, 0.0)
-        d_z = tl.where(act, d_z, 0.0)
-        dnx = tl.where(act, dnx, 0.0)
-        dnh = tl.where(act, dnh, 0.0)
-        store_gates(p_dg, d_r, d_z, dnx, dnx, m_bh, H, 3)
-        store_gates(dgh_ptr + p_row * (G * H) + o_h[None, :], d_r, d_z, dnh, dnh, m_bh, H, 3)
     else:
         h_t = tl.load(y_ptr + t64 * stride_yt + ob64[:, None] * stride_yb + i_d * P
                       + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
-        tl.store(p_dg, tl.where(act, rnn_act_bwd(dr, h_t, CELL), 0.0).to(G_DTYPE), mask=m_bh)
+    g0, g1, g2, g3, gh2, _, dc_prev = cell_backward(dr, dc, s0, s1, s2, s3, c_t, c_prev, h_prev,
+                                                    h_t, act, CELL)
+    p_dg = dgx_ptr + p_row * (G * H) + o_h[None, :]
+    if G == 1:
+        tl.store(p_dg, g0.to(G_DTYPE), mask=m_bh)
+    else:
+        store_gates(p_dg, g0, g1, g2, g3, m_bh, H, G)
+    if CELL == LSTM:
+        tl.store(dc_ptr + (i_d * B + ob64)[:, None] * H + o_h[None, :], dc_prev, mask=m_bh)
+    elif CELL == GRU:
+        store_gates(dgh_ptr + p_row * (G * H) + o_h[None, :], g0, g1, gh2, gh2, m_bh, H, 3)
 
 
 # ---------------------------------------------------------------------------------------------
-# Launchers. ``f`` / ``b`` are the Forward / Backward problems built in recurrence.py.
+# Planning.
 
-def _tile(n, cap=64):
-    return min(cap, max(16, triton.next_power_of_2(n)))
-
-
-def forward(f):
-    import torch
-
-    BB, BH, BK = _tile(f.B), _tile(f.H), _tile(f.P)
-    cell = f.cell
-    if f.mode == 2 and cell.numel() == 0:
-        # Inference: the cell state still travels between launches through a buffer.
-        cell = torch.empty(f.T, f.B, f.D, f.H, device=f.y.device, dtype=f.cell_dtype)
-    r = f.y
-    if f.has_proj:
-        r = torch.empty(f.D, f.B, f.H, device=f.y.device, dtype=f.y.dtype)
-    grid = (triton.cdiv(f.B, BB), triton.cdiv(f.H, BH), f.D)
-    grid_p = (triton.cdiv(f.B, BB), triton.cdiv(f.P, _tile(f.P)), f.D)
-    launches = 0
-    for s in range(f.T):
-        _recurrence_fwd_step_kernel[grid](
-            f.xg, f.xg.stride(0), f.xg.stride(1),
-            f.h0, f.c0, f.w_hh, f.b_hn, f.lengths,
-            f.y, f.y.stride(0), f.y.stride(1),
-            r, f.gates, cell,
-            s, f.T, f.B, f.H, f.P,
-            CELL=f.mode, G=f.G, NSAVE=f.NSAVE,
-            HAS_BHN=f.has_bhn, HAS_PROJ=f.has_proj, HAS_LENGTHS=f.has_lengths,
-            SAVE=f.save, ACC=f.acc, PRECISION=f.precision,
-            BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK,
-        )
-        launches += 1
-        if f.has_proj:
-            _projection_step_kernel[grid_p](
-                r, f.w_hr, f.h0, f.lengths,
-                f.y, f.y.stride(0), f.y.stride(1),
-                s, f.T, f.B, f.H, f.P,
-                HAS_LENGTHS=f.has_lengths, ACC=f.acc, PRECISION=f.precision,
-                BLOCK_B=BB, BLOCK_P=_tile(f.P), BLOCK_K=_tile(f.H),
-            )
-            launches += 1
-    # Final states: the state after each direction's last step (carried past a row's length).
-    P = f.P
-    y4 = f.y.unflatten(-1, (f.D, P))
-    f.hn[0].copy_(y4[f.T - 1, :, 0])
-    if f.D == 2:
-        f.hn[1].copy_(y4[0, :, 1])
-    if f.mode == 2:
-        f.cn[0].copy_(cell[f.T - 1, :, 0])
-        if f.D == 2:
-            f.cn[1].copy_(cell[0, :, 1])
-    return launches
+WARPS = 4
+BLOCK_B = 16           # batch rows per program: many programs per step, few accumulators
+RESERVE = 2048         # shared memory Triton keeps beside the operand buffers
 
 
-def backward(b):
-    import torch
+def _tile(n: int) -> int:
+    return 16 if n <= 16 else 64
 
-    BB, BP, BH = _tile(b.B), _tile(b.P), _tile(b.H)
-    dh = b.dhn.to(b.acc_dtype).clone()
-    dc = b.dcn.to(b.acc_dtype).clone() if b.mode == 2 else dh
-    grid_p = (triton.cdiv(b.B, BB), triton.cdiv(b.P, BP), b.D)
-    grid_h = (triton.cdiv(b.B, BB), triton.cdiv(b.H, BH), b.D)
-    common = dict(CELL=b.mode, G=b.G, NSAVE=b.NSAVE, HAS_PROJ=b.has_proj,
-                  HAS_LENGTHS=b.has_lengths, ACC=b.acc, PRECISION=b.precision)
-    launches = 0
-    for k in range(b.T + 1):
-        final = k == b.T
-        _recurrence_bwd_step_dh_kernel[grid_p](
-            b.dy, b.dy.stride(0), b.dy.stride(1),
-            b.gates, b.w_hh, b.lengths, b.dgh, dh, b.dhp, b.dh0,
-            k, b.T, b.B, b.H, b.P, FINAL=final, **common,
-            BLOCK_B=BB, BLOCK_P=BP, BLOCK_K=BH,
-        )
-        launches += 1
-        if final:
+
+def _loop_kernel(name: str, problem: Problem, spec: DeviceSpec, cols: int, k_extent: int,
+                 operands: int) -> KernelConfig:
+    """A kernel with ``operands`` accumulators [BLOCK_B, cols tile] over an inner loop of
+    ``k_extent``. fp32 operands are software-pipelined as deep as the shared memory allows (the
+    depth changes nothing else); narrower ones are not pipelined by Triton here."""
+    isz = problem.itemsize * operand_copies(problem)
+    acc = 8 if problem.dtype == torch.float64 else 4
+    bc = _tile(cols)
+    epilogue = operands * BLOCK_B * bc * acc       # layout conversions of the accumulators
+    # A shorter inner tile where shared memory is short.
+    for bk in dict.fromkeys(min(_tile(k_extent), c) for c in (64, 32, 16)):
+        per_stage = (BLOCK_B * bk + operands * bk * bc) * isz
+        stages = 1
+        if problem.itemsize >= 4:
+            for depth in (3, 2):
+                if depth * per_stage + epilogue + RESERVE <= spec.smem_per_block:
+                    stages = depth
+                    break
+        shared = stages * per_stage + epilogue
+        if shared + RESERVE <= spec.smem_per_block:
             break
-        _recurrence_bwd_step_gates_kernel[grid_h](
-            b.y, b.y.stride(0), b.y.stride(1), b.h0, b.c0,
-            b.gates, b.cell, b.w_hr, b.lengths, dh, dc, b.dgx, b.dgh,
-            k, b.T, b.B, b.H, b.P, **common,
-            BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BP,
-        )
-        launches += 1
-    if b.mode == 2:
+    else:
+        raise DoesNotFit(f"{name} needs about {shared} bytes of shared memory, the device has "
+                         f"{spec.smem_per_block} per block")
+    return KernelConfig(name, BLOCK_B, bc, bk, WARPS, stages, shared)
+
+
+def plan(problem: Problem, spec: DeviceSpec) -> Plan:
+    G, H, P, B = problem.G, problem.H, problem.P, problem.B
+    fwd = _loop_kernel("_recurrence_fwd_step_kernel", problem, spec, H, P, G)
+    kernels = [fwd]
+    if problem.has_proj:
+        kernels.append(_loop_kernel("_projection_step_kernel", problem, spec, P, H, 1))
+    kernels.append(_loop_kernel("_recurrence_bwd_step_dh_kernel", problem, spec, P, H, G))
+    kernels.append(_loop_kernel("_recurrence_bwd_step_gates_kernel", problem, spec, H, P, 1))
+    grid = (triton.cdiv(B, fwd.block_b), triton.cdiv(H, fwd.block_h), problem.D)
+    per_step_fwd = 2 if problem.has_proj else 1
+    return Plan("stepwise", tuple(kernels), grid=grid, launches_per_step=(per_step_fwd, 2),
+                launches_fixed=(0, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Launching.
+
+class StepLauncher:
+    """Launch one kernel once per step with only the step argument changing.
+
+    The first launch goes through Triton's JIT (binding, specialisation, compilation or cache
+    lookup) and keeps the compiled kernel; later ones call its launcher directly with the bound
+    argument list, the step replaced. Where Triton's JIT does not hand back a compiled kernel
+    (the interpreter), every step takes the JIT path.
+    """
+
+    def __init__(self, kernel, grid, step_arg: str, **kwargs):
+        self.kernel, self.grid, self.step_arg, self.kwargs = kernel, grid, step_arg, kwargs
+        self._fast = None
+
+    def _bind(self, compiled) -> None:
+        jit, values = resolve_heuristics(self.kernel, self.kwargs)
+        if compiled.__class__.__name__ != "CompiledKernel" or not all(
+                hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
+            return
+        args = []
+        for name in jit.arg_names:
+            value = values.get(name)
+            # The launcher takes raw addresses as well as tensors: no data_ptr() per launch.
+            args.append(value.data_ptr() if isinstance(value, torch.Tensor) else value)
+        from triton import knobs
+
+        self._fast = (compiled.run, compiled.function, compiled.packed_metadata,
+                      _current_stream(), knobs.runtime.launch_enter_hook,
+                      knobs.runtime.launch_exit_hook, args, jit.arg_names.index(self.step_arg))
+
+    def __call__(self, step: int) -> None:
+        fast = self._fast
+        if fast is not None:
+            run, function, metadata, stream, enter, exit_, args, i = fast
+            args[i] = step
+            g = self.grid
+            run(g[0], g[1], g[2], stream, function, metadata, None, enter, exit_, *args)
+            return
+        compiled = launch_kernel(self.kernel, self.grid, **{**self.kwargs, self.step_arg: step})
+        if compiled is not None:
+            try:
+                self._bind(compiled)
+            except Exception:  # an unknown Triton launcher: keep the JIT path (slower, correct)
+                self._fast = None
+
+
+def _current_stream():
+    """The stream Triton launches on now (the capture stream inside a CUDA graph capture)."""
+    device = torch.cuda.current_device()
+    return triton.runtime.driver.active.get_current_stream(device)
+
+
+def forward(a: ForwardArgs, the_plan: Plan) -> int:
+    cfg = the_plan.config("_recurrence_fwd_step_kernel")
+    device = a.y.device
+    cell = a.cell
+    if a.is_lstm and cell is None:
+        # Inference: the cell state still travels between launches through a buffer.
+        cell = torch.empty(a.T, a.B, a.D, a.H, device=device, dtype=acc_dtype(a.y.dtype))
+    r = torch.empty(a.D, a.B, a.H, device=device, dtype=a.y.dtype) if a.w_hr is not None else None
+    grid = (triton.cdiv(a.B, cfg.block_b), triton.cdiv(a.H, cfg.block_h), a.D)
+    step = StepLauncher(
+        _recurrence_fwd_step_kernel, grid, "s",
+        xg_ptr=a.xg, stride_xt=a.xg.stride(0), stride_xb=a.xg.stride(1),
+        h0_ptr=a.h0, c0_ptr=a.c0, w_hh_ptr=a.w_hh, b_hn_ptr=a.b_hn, len_ptr=a.lengths,
+        y_ptr=a.y, stride_yt=a.y.stride(0), stride_yb=a.y.stride(1), r_ptr=r,
+        gates_ptr=a.gates, cell_ptr=cell, s=0, T=a.T, B=a.B, H=a.H, P=a.P,
+        CELL=a.mode, G=a.G, NSAVE=a.NSAVE, HAS_PROJ=a.w_hr is not None, SAVE=a.save,
+        ACC=a.ACC, PRECISION=a.precision,
+        BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, **cfg.launch_options())
+    project = None
+    if a.w_hr is not None:
+        pcfg = the_plan.config("_projection_step_kernel")
+        project = StepLauncher(
+            _projection_step_kernel,
+            (triton.cdiv(a.B, pcfg.block_b), triton.cdiv(a.P, pcfg.block_h), a.D), "s",
+            r_ptr=r, w_hr_ptr=a.w_hr, h0_ptr=a.h0, len_ptr=a.lengths,
+            y_ptr=a.y, stride_yt=a.y.stride(0), stride_yb=a.y.stride(1),
+            s=0, T=a.T, B=a.B, H=a.H, P=a.P, ACC=a.ACC, PRECISION=a.precision,
+            BLOCK_B=pcfg.block_b, BLOCK_P=pcfg.block_h, BLOCK_K=pcfg.block_k,
+            **pcfg.launch_options())
+    for s in range(a.T):
+        step(s)
+        if project is not None:
+            project(s)
+    # Final states: the state after each direction's last step (carried past a row's length).
+    y4 = a.y.unflatten(-1, (a.D, a.P))
+    a.hn[0].copy_(y4[a.T - 1, :, 0])
+    if a.D == 2:
+        a.hn[1].copy_(y4[0, :, 1])
+    if a.is_lstm:
+        a.cn[0].copy_(cell[a.T - 1, :, 0])
+        if a.D == 2:
+            a.cn[1].copy_(cell[0, :, 1])
+    return a.T * (2 if project is not None else 1)
+
+
+def backward(b: BackwardArgs, the_plan: Plan) -> int:
+    dcfg = the_plan.config("_recurrence_bwd_step_dh_kernel")
+    gcfg = the_plan.config("_recurrence_bwd_step_gates_kernel")
+    acc = acc_dtype(b.dy.dtype)
+    dh = b.dhn.to(acc).clone()
+    dc = b.dcn.to(acc).clone() if b.is_lstm else None
+    common = dict(CELL=b.mode, G=b.G, NSAVE=b.NSAVE, ACC=b.ACC, PRECISION=b.precision,
+                  len_ptr=b.lengths, k=0, T=b.T, B=b.B, H=b.H, P=b.P)
+    dh_args = dict(
+        dy_ptr=b.dy, stride_dyt=b.dy.stride(0), stride_dyb=b.dy.stride(1),
+        gates_ptr=b.gates, w_hh_ptr=b.w_hh, dgh_ptr=b.dgh if b.dgh is not None else b.dgx,
+        dh_ptr=dh, dhp_ptr=b.dhp, dh0_ptr=b.dh0, HAS_PROJ=b.w_hr is not None,
+        BLOCK_B=dcfg.block_b, BLOCK_P=dcfg.block_h, BLOCK_K=dcfg.block_k,
+        **common, **dcfg.launch_options())
+    grid_p = (triton.cdiv(b.B, dcfg.block_b), triton.cdiv(b.P, dcfg.block_h), b.D)
+    step_dh = StepLauncher(_recurrence_bwd_step_dh_kernel, grid_p, "k", **dh_args)
+    step_gates = StepLauncher(
+        _recurrence_bwd_step_gates_kernel,
+        (triton.cdiv(b.B, gcfg.block_b), triton.cdiv(b.H, gcfg.block_h), b.D), "k",
+        y_ptr=b.y, stride_yt=b.y.stride(0), stride_yb=b.y.stride(1), h0_ptr=b.h0, c0_ptr=b.c0,
+        gates_ptr=b.gates, cell_ptr=b.cell, w_hr_ptr=b.w_hr, dh_ptr=dh, dc_ptr=dc,
+        dgx_ptr=b.dgx, dgh_ptr=b.dgh,
+        BLOCK_B=gcfg.block_b, BLOCK_H=gcfg.block_h, BLOCK_K=gcfg.block_k,
+        **common, **gcfg.launch_options())
+    for k in range(b.T):
+        step_dh(k)
+        step_gates(k)
+    step_dh(b.T)  # dh0
+    if b.is_lstm:
         b.dc0.copy_(dc)
-    return launches
+    return 2 * b.T + 1

@@ -1,7 +1,9 @@
 """The recurrence op against the plain-PyTorch reference, in float64.
 
 These pin the op's own contract (carried states at padded positions, final states, every input's
-gradient) independently of the module layer, and run torch.autograd.gradcheck through the kernels.
+gradient) independently of the module layer, for every kernel strategy x cell x directions x
+proj_size x lengths x bias, and run torch.autograd.gradcheck through the kernels. The module
+tests (tests/test_parity.py) cover layouts and stacking on the automatically chosen strategy.
 """
 
 import itertools
@@ -10,7 +12,8 @@ import pytest
 import torch
 
 from fastrnn import _modes
-from fastrnn.ops.recurrence import force_strategy, recurrence
+from fastrnn.ops.recurrence import recurrence
+from fastrnn.ops.select import force_strategy
 from fastrnn.reference import recurrence_reference
 from tests.parity import DEVICE
 
@@ -42,11 +45,11 @@ def _inputs(mode, T, B, H, D, proj, lengths, bias=True, seed=0):
     return x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lens
 
 
-def _op(mode, batch_first):
+def _op(mode, batch_first, strategy=""):
     def f(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths):
         y, hn, cn, _, _ = recurrence(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr,
                                      None if lengths is None else lengths.to(x.device), mode,
-                                     batch_first, torch.is_grad_enabled())
+                                     batch_first, torch.is_grad_enabled(), strategy)
         return y, hn, (cn if mode == _modes.LSTM else None)
     return f
 
@@ -56,21 +59,21 @@ def _reference(mode, x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths):
     return recurrence_reference(mode, xg, h0, c0, w_hh, b_hn, w_hr, lengths)
 
 
-CASES = list(itertools.product(MODES, (1, 2), (0, 2), ([], [5, 3, 3, 1]),
-                               ("persistent", "stepwise", "cooperative")))
+CASES = [c for c in itertools.product(MODES, (1, 2), (0, 2), ([], [5, 3, 3, 1]), (True, False),
+                                     ("persistent", "stepwise", "cooperative"))
+         if not (c[2] and (c[0] != "lstm" or c[5] == "cooperative"))]
 
 
-@pytest.mark.parametrize("mode,D,proj,lengths,strategy", [
-    c for c in CASES if not (c[2] and (c[0] != "lstm" or c[4] == "cooperative"))],
-    ids=lambda v: str(v) if not isinstance(v, list) else ("packed" if v else "padded"))
-def test_op_matches_reference_fp64(mode, D, proj, lengths, strategy):
+@pytest.mark.parametrize("mode,D,proj,lengths,bias,strategy", CASES,
+                         ids=lambda v: str(v) if not isinstance(v, list) else (
+                             "packed" if v else "padded"))
+def test_op_matches_reference_fp64(mode, D, proj, lengths, bias, strategy):
     m = MODES[mode]
     T, B, H = 5, 4, 3
-    args = _inputs(m, T, B, H, D, proj, lengths)
+    args = _inputs(m, T, B, H, D, proj, lengths, bias=bias)
     leaves = [a.clone().requires_grad_(a.is_floating_point()) if a is not None else None
               for a in args]
-    with force_strategy(strategy):
-        got = _op(m, False)(*leaves)
+    got = _op(m, False, strategy)(*leaves)
     want = _reference(m, *[a.clone().requires_grad_(a.is_floating_point())
                            if a is not None else None for a in args])
     for g_, w_ in zip(got, want):
@@ -83,8 +86,7 @@ def test_op_matches_reference_fp64(mode, D, proj, lengths, strategy):
     ref_leaves = [a.clone().requires_grad_(a.is_floating_point()) if a is not None else None
                   for a in args]
     want = _reference(m, *ref_leaves)
-    with force_strategy(strategy):
-        got = _op(m, False)(*leaves)
+    got = _op(m, False, strategy)(*leaves)
     torch.autograd.backward([t for t in got if t is not None], ups)
     torch.autograd.backward([t for t in want if t is not None], ups)
     for name, a, b in zip(["x", "w_ih", "b_x", "h0", "c0", "w_hh", "b_hn", "w_hr"], leaves,
@@ -100,8 +102,7 @@ def test_op_batch_first_layout(strategy):
     m = _modes.GRU
     x, w_ih, b_x, h0, _, w_hh, b_hn, _, _ = _inputs(m, 4, 3, 5, 2, 0, [])
     x_bf = x.transpose(0, 1).contiguous().transpose(0, 1)
-    with force_strategy(strategy):
-        y, hn, _ = _op(m, True)(x_bf, w_ih, b_x, h0, None, w_hh, b_hn, None, None)
+    y, hn, _ = _op(m, True, strategy)(x_bf, w_ih, b_x, h0, None, w_hh, b_hn, None, None)
     assert y.transpose(0, 1).is_contiguous()
     want, want_hn, _ = _reference(m, x, w_ih, b_x, h0, None, w_hh, b_hn, None, None)
     torch.testing.assert_close(y, want, atol=1e-12, rtol=1e-12)
@@ -137,8 +138,40 @@ def test_gradcheck_through_kernels(mode, D, proj, lengths, strategy):
     def f(*xs):
         it = iter(xs)
         full = [next(it) if p else None for p in present]
-        with force_strategy(strategy):
-            return tuple(t for t in _op(m, False)(*full, lens) if t is not None)
+        return tuple(t for t in _op(m, False, strategy)(*full, lens) if t is not None)
 
     assert torch.autograd.gradcheck(f, [a.clone().requires_grad_() for a in floats],
-                                    eps=1e-6, atol=1e-7, rtol=1e-5)
+                                    eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+def _count(strategy, direction):
+    from fastrnn.ops.select import LAUNCHES
+
+    return LAUNCHES[strategy, direction]
+
+
+@pytest.mark.parametrize("where", ["outside the block", "another thread"])
+def test_backward_runs_the_strategy_the_forward_ran(where):
+    """The strategy is recorded when the forward runs: a backward run after the
+    ``force_strategy`` block, or on another thread (as autograd's device threads do), still runs
+    it, and launches as that strategy does (stepwise: twice per step plus one)."""
+    import threading
+
+    import fastrnn
+
+    torch.manual_seed(0)
+    lstm = fastrnn.LSTM(3, 4).to(DEVICE)   # small: persistent when nothing is forced
+    x = torch.randn(6, 2, 3, device=DEVICE, requires_grad=True)
+    assert fastrnn.select_strategy(_modes.LSTM, 4, 4, 2, torch.float32, x.device) == "persistent"
+    with force_strategy("stepwise"):
+        out, _ = lstm(x)
+    before = {s: _count(s, "bwd") for s in ("persistent", "stepwise")}
+    if where == "another thread":
+        worker = threading.Thread(target=lambda: out.sum().backward())
+        worker.start()
+        worker.join()
+    else:
+        out.sum().backward()
+    assert x.grad is not None
+    assert _count("stepwise", "bwd") - before["stepwise"] == 2 * 6 + 1
+    assert _count("persistent", "bwd") == before["persistent"]

@@ -1,0 +1,96 @@
+"""Typed arguments of the strategies' launchers: one frozen dataclass per pass.
+
+Shapes (D directions, G gates, H hidden, P = proj_size or H, NSAVE saved activations per unit):
+xg [T, B, D*G*H] (feature dim contiguous; time and batch through strides); h0 [D, B, P];
+c0 [D, B, H]; w_hh [D, G*H, P]; b_hn [D, H]; w_hr [D, P, H]; lengths [B] int32 (packed input);
+y [T, B, D*P] (time and batch through strides); hn [D, B, P]; cn [D, B, H];
+gates [T, B, D, NSAVE*H]; cell [T, B, D, H] (accumulation dtype). Absent tensors are None.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import triton.language as tl
+from torch import Tensor
+
+from .. import _modes
+
+
+@dataclasses.dataclass(frozen=True)
+class _Common:
+    mode: int
+    T: int
+    B: int
+    H: int
+    P: int
+    D: int
+    precision: str
+
+    @property
+    def G(self) -> int:
+        return _modes.NUM_GATES[self.mode]
+
+    @property
+    def NSAVE(self) -> int:
+        return _modes.NUM_SAVED[self.mode]
+
+    @property
+    def is_lstm(self) -> bool:
+        return self.mode == _modes.LSTM
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation (and LSTM cell-state) dtype: fp64 for fp64 layers, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardArgs(_Common):
+    xg: Tensor
+    h0: Tensor
+    c0: Optional[Tensor]
+    w_hh: Tensor
+    b_hn: Optional[Tensor]
+    w_hr: Optional[Tensor]
+    lengths: Optional[Tensor]
+    y: Tensor
+    hn: Tensor
+    cn: Optional[Tensor]
+    gates: Optional[Tensor]      # saved activations (training only)
+    cell: Optional[Tensor]       # saved cell states (LSTM, training only)
+    save: bool
+
+    @property
+    def ACC(self):
+        return tl_acc(self.w_hh.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackwardArgs(_Common):
+    dy: Tensor                   # [T, B, D*P] contiguous
+    dhn: Tensor                  # [D, B, P]
+    dcn: Optional[Tensor]        # [D, B, H] (LSTM)
+    y: Tensor
+    h0: Tensor
+    c0: Optional[Tensor]
+    gates: Optional[Tensor]
+    cell: Optional[Tensor]
+    w_hh: Tensor
+    w_hr: Optional[Tensor]
+    lengths: Optional[Tensor]
+    dgx: Tensor                  # [T, B, D*G*H] gradients of the input projections
+    dgh: Optional[Tensor]        # [T, B, D*G*H] gradients of W_hh h (+ b_hh) (GRU: they differ)
+    dhp: Optional[Tensor]        # [T, B, D*P] total dh per step (proj_size: for dW_hr)
+    dh0: Tensor
+    dc0: Optional[Tensor]
+
+    @property
+    def ACC(self):
+        return tl_acc(self.w_hh.dtype)

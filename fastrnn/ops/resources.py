@@ -1,0 +1,163 @@
+"""The compiled kernels' own resource figures, for any NVIDIA GPU, on any machine.
+
+Triton ships ptxas and cuobjdump, so a kernel can be compiled ahead of time for a GPU that is not
+present. ``compile_problem`` runs the real launchers of a recurrence (forward with activations
+saved, and backward) for a problem planned on a described GPU, with every launch replaced by such
+a compile (``select.launching_with``), and reads each compiled kernel's figures:
+
+* dynamic shared memory (the kernel's metadata) plus static shared memory (cuobjdump);
+* registers per thread, stack bytes (where ptxas puts spilled registers) and local memory;
+* tensor-core instructions in the PTX: ``mma.sync`` (Ampere and later) or ``wgmma`` (Hopper).
+
+Used by ``fastrnn.explain`` and ``bench/kernel_resources.py``. Needs kernels compiled for a GPU,
+so not under TRITON_INTERPRET.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+import threading
+
+import torch
+import triton
+
+from .. import _modes
+from ..backend import interpreting
+from . import select
+
+_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+          torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64"}
+_OPTIONS = ("num_warps", "num_stages", "launch_cooperative_grid")
+_LOCK = threading.Lock()
+
+
+def _tools_dir() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def available() -> bool:
+    """Whether compiled figures can be had here (Triton's bundled CUDA tools, no interpreter)."""
+    return not interpreting() and os.path.exists(os.path.join(_tools_dir(), "cuobjdump"))
+
+
+def figures(compiled) -> dict:
+    """A compiled kernel's own resource figures."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([os.path.join(_tools_dir(), "cuobjdump"), "--dump-resource-usage",
+                              f.name], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    regs, stack, static, local = map(int, m.groups())
+    ptx = compiled.asm["ptx"]
+    return {"registers": regs, "stack_bytes": stack, "local_bytes": local,
+            "shared_memory_bytes": int(compiled.metadata.shared) + static,
+            "mma": len(re.findall(r"\bmma\.sync", ptx)),
+            "wgmma": len(re.findall(r"\bwgmma\.mma_async", ptx))}
+
+
+def fits(entry: dict, spec: select.DeviceSpec) -> str:
+    """"" if a compiled kernel fits the device, else why not."""
+    problems = []
+    if entry["shared_memory_bytes"] > spec.smem_per_block:
+        problems.append(f"shared memory {entry['shared_memory_bytes']} > {spec.smem_per_block}")
+    threads = 32 * entry["num_warps"]
+    if entry["registers"] * threads > spec.regs_per_sm:
+        problems.append(f"registers {entry['registers']} x {threads} threads > "
+                        f"{spec.regs_per_sm}")
+    return "; ".join(problems)
+
+
+class Compiler:
+    """Stands in for launching: compiles each distinct launch once, for one GPU."""
+
+    def __init__(self, spec: select.DeviceSpec):
+        self.spec = spec
+        self.results: dict = {}    # variant key -> entry
+        self.used: list = []       # the keys launched by the last problem, in order
+        self.label = ""
+
+    def __call__(self, kernel, grid, kwargs):
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        fn, values = select.resolve_heuristics(kernel, kwargs)
+        names = [p.name for p in fn.params]
+        options = {k: v for k, v in values.items() if k not in names and k in _OPTIONS}
+        signature, constexprs = {}, {}
+        for p in fn.params:
+            v = values[p.name]
+            if p.is_constexpr or v is None:
+                signature[p.name] = "constexpr"
+                constexprs[p.name] = v
+            elif isinstance(v, torch.Tensor):
+                signature[p.name] = "*" + _TYPES[v.dtype]
+            elif isinstance(v, bool):
+                signature[p.name] = "i1"
+            elif isinstance(v, int):
+                signature[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
+            else:
+                signature[p.name] = "fp32"
+        key = (fn.__name__, tuple(sorted(signature.items())),
+               tuple(sorted((k, str(v)) for k, v in constexprs.items())),
+               tuple(sorted(options.items())))
+        if key not in self.used:
+            self.used.append(key)
+        if key in self.results:
+            self.results[key]["problems"] += 1
+            return None
+        dtype = next((signature[n][1:] for n in ("w_hh_ptr", "w_hr_ptr", "y_ptr", "dgx_ptr")
+                      if signature.get(n, "").startswith("*")), None)
+        entry = {"kernel": fn.__name__, "first_problem": self.label, "problems": 1,
+                 "dtype": dtype,
+                 "constexprs": {k: str(v) for k, v in constexprs.items()},
+                 "num_warps": options.get("num_warps", 4),
+                 "num_stages": options.get("num_stages", 3), "grid": list(grid)}
+        try:
+            compiled = triton.compile(ASTSource(fn, signature, constexprs),
+                                      target=GPUTarget("cuda", self.spec.arch, 32),
+                                      options=options)
+            entry.update(figures(compiled))
+            entry["misfit"] = fits(entry, self.spec)
+        except Exception as e:  # reported, never hidden: a variant that does not compile
+            entry["error"] = f"{type(e).__name__}: {e}"[:2000]
+        self.results[key] = entry
+        return None
+
+
+def compile_problem(problem: select.Problem, spec: select.DeviceSpec, compiler: Compiler,
+                    strategy: str | None = None, T: int = 2) -> list[dict]:
+    """Compile the kernels a recurrence runs (forward with activations saved, then backward) on
+    ``spec``; returns their entries in launch order. The heaviest variant: packed input (lengths)
+    and biases; inference and padded runs use the same kernels minus code paths."""
+    if not available():
+        raise RuntimeError("compiled figures need Triton's CUDA tools and no TRITON_INTERPRET")
+    from . import recurrence as rec
+
+    mode, B, H, P, D, dtype = (problem.mode, problem.B, problem.H, problem.P, problem.D,
+                               problem.dtype)
+    G = _modes.NUM_GATES[mode]
+    I = 4
+    z = dict(dtype=dtype)
+    x = torch.zeros(T, B, I, **z)
+    w_ih = torch.zeros(D * G * H, I, **z)
+    b_x = torch.zeros(D * G * H, **z)
+    h0 = torch.zeros(D, B, P, **z)
+    c0 = torch.zeros(D, B, H, **z) if mode == _modes.LSTM else None
+    w_hh = torch.zeros(D, G * H, P, **z)
+    b_hn = torch.zeros(D, H, **z) if mode == _modes.GRU else None
+    w_hr = torch.zeros(D, P, H, **z) if problem.has_proj else None
+    lengths = torch.full((B,), T, dtype=torch.int64)
+    compiler.used = []
+    with _LOCK, select.targeting(spec, problem.precision), select.launching_with(compiler):
+        chosen = select.plan(problem, spec, strategy).strategy
+        y, hn, cn, gates, cell = rec.recurrence(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths,
+                                                mode, False, True, chosen)
+        rec.recurrence_backward(torch.zeros_like(y), torch.zeros_like(hn),
+                                torch.zeros_like(cn) if c0 is not None else None, x, w_ih, y, h0,
+                                c0, gates, cell, w_hh, w_hr, lengths, mode, False, True,
+                                b_hn is not None, 0, chosen)
+    return [compiler.results[k] for k in compiler.used]
