@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fastrnn
-from tests.parity import DEVICE, assert_parity, launches
+from tests.parity import DEVICE, assert_close_to_truth, assert_parity, exact_twin, launches
 
 I, H, B = 5, 7, 3
 CELLS = {"rnn_tanh": ("RNNCell", {}), "rnn_relu": ("RNNCell", {"nonlinearity": "relu"}),
@@ -26,8 +26,10 @@ def _pair(cell, **kwargs):
 
 
 def _run(module, x, hx, steps=3):
-    """A few steps of a cell loop (so gradients flow through h across steps)."""
-    leaves = [x.clone().requires_grad_()] + [t.clone().requires_grad_() for t in hx]
+    """A few steps of a cell loop (so gradients flow through h across steps), on the module's
+    device and dtype."""
+    p = next(module.parameters())
+    leaves = [t.detach().to(p.device, p.dtype).requires_grad_() for t in [x, *hx]]
     xs, state = leaves[0], leaves[1:]
     is_lstm = isinstance(module, nn.LSTMCell)
     state = (tuple(state) if is_lstm else state[0]) if state else None
@@ -52,7 +54,7 @@ def test_cell_parity(cell, bias, batched, with_hx):
     x = torch.randn(*shape, I, generator=g).to(DEVICE)
     n_states = (2 if cell == "lstm" else 1) if with_hx else 0
     hx = [torch.randn(*shape, H, generator=g).to(DEVICE) for _ in range(n_states)]
-    assert_parity(_run(fast, x, hx), _run(ref, x, hx))
+    assert_close_to_truth(_run(fast, x, hx), _run(ref, x, hx), _run(exact_twin(ref), x, hx))
 
 
 @pytest.mark.parametrize("cell", list(CELLS))
@@ -76,23 +78,27 @@ def test_cells_run_kernels():
         assert launches() >= before + 2
 
 
+def _x(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype, device=DEVICE)
+
+
 def _hx(cell, *shape, h=H, dtype=torch.float32):
-    t = [torch.randn(*shape, h, dtype=dtype) for _ in range(2 if cell == "lstm" else 1)]
+    t = [_x(*shape, h, dtype=dtype) for _ in range(2 if cell == "lstm" else 1)]
     return tuple(t) if cell == "lstm" else t[0]
 
 
-BAD = {
-    "3d-input": lambda c: (torch.randn(2, B, I), None),
-    "wrong-input-size": lambda c: (torch.randn(B, I + 1), None),
-    "wrong-input-size-1d": lambda c: (torch.randn(I + 1), None),
-    "hx-batch": lambda c: (torch.randn(B, I), _hx(c, B - 1)),
-    "hx-size": lambda c: (torch.randn(B, I), _hx(c, B, h=H - 1)),
-    "hx-3d": lambda c: (torch.randn(B, I), _hx(c, 1, B)),
-    "hx-1d-for-2d-input": lambda c: (torch.randn(B, I), _hx(c)),
-    "hx-2d-for-1d-input": lambda c: (torch.randn(I), _hx(c, 1)),
-    "input-dtype": lambda c: (torch.randn(B, I, dtype=torch.float64), None),
-    "int-input": lambda c: (torch.randint(0, 2, (B, I)), None),
-    "hx-dtype": lambda c: (torch.randn(B, I), _hx(c, B, dtype=torch.float64)),
+BAD = {  # on the cells' device, so each case fails for its own reason only
+    "3d-input": lambda c: (_x(2, B, I), None),
+    "wrong-input-size": lambda c: (_x(B, I + 1), None),
+    "wrong-input-size-1d": lambda c: (_x(I + 1), None),
+    "hx-batch": lambda c: (_x(B, I), _hx(c, B - 1)),
+    "hx-size": lambda c: (_x(B, I), _hx(c, B, h=H - 1)),
+    "hx-3d": lambda c: (_x(B, I), _hx(c, 1, B)),
+    "hx-1d-for-2d-input": lambda c: (_x(B, I), _hx(c)),
+    "hx-2d-for-1d-input": lambda c: (_x(I), _hx(c, 1)),
+    "input-dtype": lambda c: (_x(B, I, dtype=torch.float64), None),
+    "int-input": lambda c: (torch.randint(0, 2, (B, I), device=DEVICE), None),
+    "hx-dtype": lambda c: (_x(B, I), _hx(c, B, dtype=torch.float64)),
 }
 
 
@@ -110,9 +116,9 @@ def test_cell_bad_input_raises_like_torch(cell, case):
 
 
 def test_rnn_cell_unknown_nonlinearity_raises_at_forward_like_torch():
-    ref = nn.RNNCell(I, H, nonlinearity="gelu")
-    fast = fastrnn.RNNCell(I, H, nonlinearity="gelu")
-    x = torch.randn(B, I)
+    ref = nn.RNNCell(I, H, nonlinearity="gelu").to(DEVICE)
+    fast = fastrnn.RNNCell(I, H, nonlinearity="gelu").to(DEVICE)
+    x = _x(B, I)
     with pytest.raises(RuntimeError) as want:
         ref(x)
     with pytest.raises(RuntimeError) as got:

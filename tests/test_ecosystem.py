@@ -14,7 +14,9 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastrnn
-from tests.parity import DEVICE, assert_parity, launches, make_inputs, make_pair, run
+from tests.parity import (DEVICE, assert_close_to_truth, assert_forward_matches_torch,
+                          assert_matches_torch, exact_twin, full_fp32, launches, make_inputs,
+                          make_pair, run)
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -73,9 +75,10 @@ def test_convert_trains_like_torch(rnn_type):
     assert all(a is b for a, b in zip(opt_params, model.parameters()))
     assert model.rnn.proj_size == ref.rnn.proj_size and model.rnn.dropout == ref.rnn.dropout
     before = launches()
-    got = _train(model)
-    assert launches() > before
-    want = _train(ref)
+    with full_fp32():  # trajectories diverge at TF32's precision (cuDNN's default for fp32)
+        got = _train(model)
+        assert launches() > before
+        want = _train(ref)
     assert got == pytest.approx(want, rel=1e-5, abs=1e-5)
     for a, b in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -143,7 +146,7 @@ def test_compile_fullgraph_no_graph_break(name, kwargs):
         got = run(compiled, build, leaves)
     finally:
         torch._dynamo.reset()
-    assert_parity(got, run(ref, build, leaves))
+    assert_close_to_truth(got, run(ref, build, leaves), run(exact_twin(ref), build, leaves))
 
 
 def test_compile_fullgraph_with_cells_and_a_model():
@@ -186,22 +189,24 @@ def test_compile_default_backend_launches_the_kernels():
     finally:
         torch._dynamo.reset()
     assert launches("fwd") > before[0] and launches("bwd") > before[1]
-    assert_parity(got, run(ref, build, leaves))
+    assert_close_to_truth(got, run(ref, build, leaves), run(exact_twin(ref), build, leaves))
 
 
 # --- gradients torch.nn's cuDNN path refuses ---------------------------------------------------
 
 @pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
 def test_backward_in_eval_mode(name):
-    fast, ref = make_pair(name, 5, 7, num_layers=2, dropout=0.5, bidirectional=True)
+    # torch.nn's reference runs on the CPU: cuDNN refuses backward in eval mode.
+    fast, ref = make_pair(name, 5, 7, num_layers=2, dropout=0.5, bidirectional=True,
+                          ref_device="cpu")
     fast.eval()
     ref.eval()
     build, leaves = make_inputs(ref, "packed_unsorted", 4, 3, with_hx=True)
-    assert_parity(run(fast, build, leaves), run(ref, build, leaves))
+    assert_matches_torch(fast, ref, build, leaves)
 
 
 def _gradient_penalty(module, x, lengths, hx):
-    x = x.clone().requires_grad_()
+    x = x.clone().to(next(module.parameters()).device).requires_grad_()
     out, _ = module(pack_padded_sequence(x, lengths, enforce_sorted=False), hx)
     (gx,) = torch.autograd.grad(out.data.pow(2).sum(), x, create_graph=True)
     gx.pow(2).sum().backward()
@@ -214,45 +219,47 @@ def _gradient_penalty(module, x, lengths, hx):
     ("RNN", dict(num_layers=2)),
 ], ids=["lstm", "gru", "rnn"])
 def test_double_backward_matches_torch(name, kwargs):
-    fast, ref = make_pair(name, 3, 4, **kwargs)
-    x = torch.randn(5, 2, 3, device=DEVICE)
+    # torch.nn's reference runs on the CPU: cuDNN has no double backward.
+    fast, ref = make_pair(name, 3, 4, ref_device="cpu", **kwargs)
+    x = torch.randn(5, 2, 3)
     lengths = torch.tensor([3, 5])
     got = _gradient_penalty(fast, x, lengths, None)
     want = _gradient_penalty(ref, x, lengths, None)
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a.cpu(), b, atol=1e-5, rtol=1e-4)
 
 
 def test_double_backward_through_a_cell():
-    fast, ref = make_pair("LSTMCell", 3, 4)
+    fast, ref = make_pair("LSTMCell", 3, 4, ref_device="cpu")
     res = []
     for m in (fast, ref):
-        x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0)).to(DEVICE).requires_grad_()
+        x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+        x = x.to(next(m.parameters()).device).requires_grad_()
         h, c = m(x)
         (gx,) = torch.autograd.grad((h * c).sum(), x, create_graph=True)
         gx.pow(2).sum().backward()
         res.append([x.grad] + [p.grad for p in m.parameters()])
     for a, b in zip(*res):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a.cpu(), b, atol=1e-5, rtol=1e-4)
 
 
 # --- torch.func, parametrizations, copies, serialisation, dtypes ------------------------------
 
 def test_functional_call():
     fast, ref = make_pair("GRU", 5, 7, bidirectional=True)
-    params = {k: (v.detach() * 1.5).requires_grad_() for k, v in ref.named_parameters()}
-    x = torch.randn(4, 3, 5, device=DEVICE)
-    got = torch.func.functional_call(fast, params, (x,))[0]
-    got.sum().backward()
-    got_grads = {k: v.grad.clone() for k, v in params.items()}
-    for v in params.values():
-        v.grad = None
-    want = torch.func.functional_call(ref, params, (x,))[0]
-    want.sum().backward()
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    for k, v in params.items():
-        torch.testing.assert_close(got_grads[k], v.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(fast(x)[0], ref(x)[0], atol=1e-5, rtol=1e-5)  # untouched
+    x = torch.randn(4, 3, 5)
+
+    def call(module):
+        device = next(module.parameters()).device
+        dtype = next(module.parameters()).dtype
+        params = {k: (v.detach() * 1.5).requires_grad_() for k, v in module.named_parameters()}
+        out = torch.func.functional_call(module, params, (x.to(device, dtype),))[0]
+        out.sum().backward()
+        return {"output": out.detach(), **{k: v.grad for k, v in params.items()}}
+
+    before = [p.detach().clone() for p in fast.parameters()]
+    assert_close_to_truth(call(fast), call(ref), call(exact_twin(ref)))
+    assert all(torch.equal(a, b) for a, b in zip(before, fast.parameters()))  # untouched
 
 
 def test_weight_norm_on_weight_hh():
@@ -260,9 +267,8 @@ def test_weight_norm_on_weight_hh():
     for m in (fast, ref):
         nn.utils.parametrizations.weight_norm(m, "weight_hh_l0")
     build, leaves = make_inputs(ref, "padded", 4, 3, with_hx=True)
-    got, want = run(fast, build, leaves), run(ref, build, leaves)
+    got = assert_matches_torch(fast, ref, build, leaves)
     assert any("original0" in k for k in got)
-    assert_parity(got, want)
 
 
 def test_deepcopy_and_whole_module_save_load():
@@ -295,10 +301,8 @@ def test_dtype_moves(move):
             m.double().float()
     dtype = fast.weight_ih_l0.dtype
     x = torch.randn(4, 3, 5, device=DEVICE).to(dtype)
-    got, want = fast(x)[0], ref(x)[0]
-    assert got.dtype == dtype
-    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
-    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    assert fast(x)[0].dtype == dtype
+    assert_forward_matches_torch(fast, ref, x)
 
 
 # --- DistributedDataParallel -----------------------------------------------------------------
@@ -415,10 +419,11 @@ def test_padded_training_step_reads_nothing_on_the_host(name, monkeypatch):
     fast, ref = make_pair(name, 5, 7, num_layers=2, bidirectional=True, batch_first=True, **kwargs)
     build, leaves = make_inputs(ref, "padded", 4, 3, with_hx=True)
     want = run(ref, build, leaves)
+    truth = run(exact_twin(ref), build, leaves)
     calls = _record_host_reads(monkeypatch)
     got = run(fast, build, leaves)
     assert calls == []
-    assert_parity(got, want)
+    assert_close_to_truth(got, want, truth)
     # The recorder sees fastrnn's code: packed input reads its batch_sizes (kept on the CPU, as
     # torch.nn requires) on the host.
     build, leaves = make_inputs(ref, "packed_unsorted", 4, 3, with_hx=True)

@@ -15,43 +15,48 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_sequence
 
-from tests.parity import make_pair
+from tests.parity import DEVICE, make_pair
 
 I, H = 4, 8
 CELLS = ["RNN", "LSTM", "GRU"]
 
 
-def _hx(name, *shape, h=H, dtype=torch.float32, device="cpu"):
+def _hx(name, *shape, h=H, dtype=torch.float32, device=DEVICE):
     h0 = torch.randn(*shape, h, dtype=dtype, device=device)
     return (h0, torch.randn(*shape, H, dtype=dtype, device=device)) if name == "LSTM" else h0
 
 
 def _packed(feature=I, dtype=torch.float32):
-    return pack_sequence([torch.randn(3, feature, dtype=dtype), torch.randn(2, feature, dtype=dtype)])
+    return pack_sequence([torch.randn(3, feature, dtype=dtype, device=DEVICE),
+                          torch.randn(2, feature, dtype=dtype, device=DEVICE)])
 
 
-CASES = {
-    "wrong-input-size": lambda n: (torch.randn(5, 3, I + 1), None),
-    "wrong-input-size-unbatched": lambda n: (torch.randn(5, I + 1), None),
-    "4d-input": lambda n: (torch.randn(5, 3, I, 1), None),
-    "1d-input": lambda n: (torch.randn(I), None),
-    "input-dtype": lambda n: (torch.randn(5, 3, I, dtype=torch.float64), None),
-    "int-input": lambda n: (torch.randint(0, 3, (5, 3, I)), None),
-    "seq-len-0": lambda n: (torch.randn(0, 3, I), None),
-    "seq-len-0-unbatched": lambda n: (torch.randn(0, I), None),
-    "hx-batch": lambda n: (torch.randn(5, 3, I), _hx(n, 1, 2)),
-    "hx-layers": lambda n: (torch.randn(5, 3, I), _hx(n, 2, 3)),
-    "hx-size": lambda n: (torch.randn(5, 3, I), _hx(n, 1, 3, h=H + 1)),
-    "hx-2d-for-batched": lambda n: (torch.randn(5, 3, I), _hx(n, 3)),
-    "hx-3d-for-unbatched": lambda n: (torch.randn(5, I), _hx(n, 1, 1)),
-    "hx-dtype": lambda n: (torch.randn(5, 3, I), _hx(n, 1, 3, dtype=torch.float64)),
-    "hx-device": lambda n: (torch.randn(5, 3, I), _hx(n, 1, 3, device="meta")),
+def _x(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype, device=DEVICE)
+
+
+CASES = {  # all tensors on the modules' device: each case fails for its own reason only
+    "wrong-input-size": lambda n: (_x(5, 3, I + 1), None),
+    "wrong-input-size-unbatched": lambda n: (_x(5, I + 1), None),
+    "4d-input": lambda n: (_x(5, 3, I, 1), None),
+    "1d-input": lambda n: (_x(I), None),
+    "input-dtype": lambda n: (_x(5, 3, I, dtype=torch.float64), None),
+    "int-input": lambda n: (torch.randint(0, 3, (5, 3, I), device=DEVICE), None),
+    "seq-len-0": lambda n: (_x(0, 3, I), None),
+    "seq-len-0-unbatched": lambda n: (_x(0, I), None),
+    "hx-batch": lambda n: (_x(5, 3, I), _hx(n, 1, 2)),
+    "hx-layers": lambda n: (_x(5, 3, I), _hx(n, 2, 3)),
+    "hx-size": lambda n: (_x(5, 3, I), _hx(n, 1, 3, h=H + 1)),
+    "hx-2d-for-batched": lambda n: (_x(5, 3, I), _hx(n, 3)),
+    "hx-3d-for-unbatched": lambda n: (_x(5, I), _hx(n, 1, 1)),
+    "hx-dtype": lambda n: (_x(5, 3, I), _hx(n, 1, 3, dtype=torch.float64)),
+    "hx-device": lambda n: (_x(5, 3, I), _hx(n, 1, 3, device="meta")),
     "packed-wrong-input-size": lambda n: (_packed(I + 1), None),
     "packed-input-dtype": lambda n: (_packed(dtype=torch.float64), None),
     "packed-hx-batch": lambda n: (_packed(), _hx(n, 1, 3)),
 }
-CASES["lstm-cx-size"] = lambda n: (torch.randn(5, 3, I), (torch.randn(1, 3, H), torch.randn(1, 3, H - 1)))
-CASES["lstm-hx-not-tuple"] = lambda n: (torch.randn(5, 3, I), torch.randn(1, 3, H))
+CASES["lstm-cx-size"] = lambda n: (_x(5, 3, I), (_x(1, 3, H), _x(1, 3, H - 1)))
+CASES["lstm-hx-not-tuple"] = lambda n: (_x(5, 3, I), _x(1, 3, H))
 LSTM_ONLY = {"lstm-cx-size", "lstm-hx-not-tuple"}
 
 # (case, cell) -> (exception class, message) where torch.nn's message is backend-specific.
@@ -112,7 +117,7 @@ def test_weights_on_other_device_raise_like_torch(cell):
     with torch.no_grad():
         for m in (fast, ref):
             m.weight_hh_l0 = torch.nn.Parameter(m.weight_hh_l0.to("meta"))
-    x = torch.randn(5, 3, I)
+    x = _x(5, 3, I)
     with pytest.raises(RuntimeError) as want:
         ref(x)
     with pytest.raises(RuntimeError) as got:

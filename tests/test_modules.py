@@ -103,7 +103,7 @@ def test_module_gradcheck_fp64_packed():
               torch.randn(2, 2, 1, generator=g, dtype=torch.float64),
               torch.randn(2, 2, 2, generator=g, dtype=torch.float64)]
     assert torch.autograd.gradcheck(f, [t.requires_grad_() for t in inputs], eps=1e-6,
-                                    atol=1e-7)
+                                    atol=1e-7, fast_mode=True)
 
 
 BAD_CONSTRUCTORS = [

@@ -1,9 +1,10 @@
-"""Parity with torch.nn: forward outputs and every gradient, shared weights.
+"""Parity with torch.nn at the module level: forward outputs and every gradient, shared weights.
 
-The grid covers cell type x layers x direction x layout x bias x proj_size x input kind x hx,
-under each kernel strategy (the persistent kernel runs the whole grid; stepwise runs it for 1 and 2
-layers and cooperative for 1 layer without proj_size, which it does not support: stacking layers
-is the same code for every strategy).
+The module layer decides layouts and stacking; the kernel strategies are checked at the op level,
+in float64 (tests/ops/test_recurrence.py: strategy x cell x directions x proj_size x lengths). So
+the layout axes here run once, on the strategy fastrnn picks: every input kind x batch_first x hx
+for each cell on a two-layer bidirectional stack, then layers x directions x bias. Tolerances come
+from torch.nn's own error against a float64 run (tests/parity.py).
 """
 
 import itertools
@@ -14,8 +15,10 @@ import torch
 from torch.nn.utils.rnn import pack_sequence
 
 import fastrnn
-from fastrnn.ops.recurrence import force_strategy
-from tests.parity import DEVICE, KINDS, assert_parity, launches, make_inputs, make_pair, run
+from fastrnn.ops.select import force_strategy
+from tests.parity import (DEVICE, KINDS, assert_close_to_truth, assert_forward_matches_torch,
+                          assert_matches_torch, assert_parity, exact_twin, launches, make_inputs,
+                          make_pair, run)
 
 I, H, P, T, B = 5, 7, 3, 4, 3
 
@@ -23,25 +26,13 @@ CELLS = {  # id -> (torch.nn class name, extra constructor kwargs)
     "rnn_tanh": ("RNN", {}),
     "rnn_relu": ("RNN", {"nonlinearity": "relu"}),
     "lstm": ("LSTM", {}),
+    "lstm_proj": ("LSTM", {"proj_size": P}),
     "gru": ("GRU", {}),
 }
 STRATEGIES = ("persistent", "stepwise", "cooperative")
-
-
-def _grid():
-    for strategy, cell, layers, bidir, batch_first, bias, kind, hx in itertools.product(
-            STRATEGIES, CELLS, (1, 2, 3), (False, True), (False, True), (True, False), KINDS,
-            (False, True)):
-        # Stacking layers is the same code for every strategy: the persistent grid covers it.
-        if (strategy == "stepwise" and layers == 3) or (strategy == "cooperative" and layers > 1):
-            continue
-        projs = (0, P) if cell == "lstm" and strategy != "cooperative" else (0,)
-        for proj in projs:
-            yield pytest.param(
-                strategy, cell, layers, bidir, batch_first, bias, proj, kind, hx,
-                id=f"{strategy}-{cell}-L{layers}-{'bi' if bidir else 'uni'}"
-                   f"-{'bf' if batch_first else 'tm'}-{'bias' if bias else 'nobias'}"
-                   f"-proj{proj}-{kind}-{'hx' if hx else 'nohx'}")
+# Every strategy with every cell it runs (cooperative has no proj_size).
+STRATEGY_CELLS = [(s, c) for s in STRATEGIES for c in CELLS
+                  if not (s == "cooperative" and c == "lstm_proj")]
 
 
 def _module_kwargs(cell, **kwargs):
@@ -49,17 +40,25 @@ def _module_kwargs(cell, **kwargs):
     return name, {**kwargs, **extra}
 
 
-@pytest.mark.parametrize("strategy,cell,layers,bidir,batch_first,bias,proj,kind,hx", list(_grid()))
-def test_parity_grid(strategy, cell, layers, bidir, batch_first, bias, proj, kind, hx):
-    name, kwargs = _module_kwargs(cell, num_layers=layers, bidirectional=bidir,
-                                  batch_first=batch_first, bias=bias)
-    if proj:
-        kwargs["proj_size"] = proj
+@pytest.mark.parametrize("cell,kind,batch_first,hx", list(itertools.product(
+    CELLS, KINDS, (False, True), (False, True))),
+    ids=lambda v: {True: "T", False: "F"}.get(v, v) if isinstance(v, bool) else v)
+def test_layouts(cell, kind, batch_first, hx):
+    name, kwargs = _module_kwargs(cell, num_layers=2, bidirectional=True,
+                                  batch_first=batch_first)
     fast, ref = make_pair(name, I, H, **kwargs)
     build, leaves = make_inputs(ref, kind, T, B, hx)
-    with force_strategy(strategy):
-        got = run(fast, build, leaves)
-    assert_parity(got, run(ref, build, leaves))
+    assert_matches_torch(fast, ref, build, leaves)
+
+
+@pytest.mark.parametrize("cell,layers,bidirectional,bias", list(itertools.product(
+    CELLS, (1, 3), (False, True), (True, False))),
+    ids=lambda v: {True: "T", False: "F"}.get(v, v) if isinstance(v, bool) else str(v))
+def test_structure(cell, layers, bidirectional, bias):
+    name, kwargs = _module_kwargs(cell, num_layers=layers, bidirectional=bidirectional, bias=bias)
+    fast, ref = make_pair(name, I, H, **kwargs)
+    build, leaves = make_inputs(ref, "packed_unsorted", T, B, with_hx=True)
+    assert_matches_torch(fast, ref, build, leaves)
 
 
 # Awkward sizes: hidden 1, 7, 33; a single step; batch tiles and hidden tiles beyond one block
@@ -92,8 +91,7 @@ def test_parity_awkward_sizes(cell, I_, H_, P_, T_, B_, strategy, bidir):
     kind = "packed_unsorted" if B_ > 1 else "padded"
     build, leaves = make_inputs(ref, kind, T_, B_, with_hx=True)
     with force_strategy(strategy):
-        got = run(fast, build, leaves)
-    assert_parity(got, run(ref, build, leaves))
+        assert_matches_torch(fast, ref, build, leaves)
 
 
 @pytest.mark.parametrize("cell", list(CELLS))
@@ -105,7 +103,7 @@ def test_pack_sequence_input(cell):
     def build(leaves):
         return pack_sequence(leaves, enforce_sorted=False), None
 
-    assert_parity(run(fast, build, seqs), run(ref, build, seqs))
+    assert_matches_torch(fast, ref, build, seqs)
 
 
 @pytest.mark.parametrize("cell", list(CELLS))
@@ -149,21 +147,15 @@ def test_batch_zero(cell, batch_first):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, interpreter
-@pytest.mark.parametrize("cell", list(CELLS))
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy,cell", STRATEGY_CELLS)
 def test_nan_propagates_like_torch(cell, strategy):
     name, kwargs = _module_kwargs(cell, num_layers=2)
     fast, ref = make_pair(name, I, H, **kwargs)
-    x = torch.randn(T, B, I, device=DEVICE)
+    x = torch.randn(T, B, I)
     x[1, 0, 2] = math.nan
     x[2, 2, 0] = math.inf
-    with torch.no_grad(), force_strategy(strategy):
-        got, got_h = fast(x)
-    want, want_h = ref(x)
-    torch.testing.assert_close(got, want.detach(), equal_nan=True, atol=1e-5, rtol=1e-5)
-    got_h = torch.cat(got_h) if isinstance(got_h, tuple) else got_h
-    want_h = torch.cat(want_h) if isinstance(want_h, tuple) else want_h
-    torch.testing.assert_close(got_h, want_h.detach(), equal_nan=True, atol=1e-5, rtol=1e-5)
+    with force_strategy(strategy):
+        assert_forward_matches_torch(fast, ref, x)
 
 
 @pytest.mark.parametrize("cell", list(CELLS))
@@ -172,15 +164,10 @@ def test_eval_mode_and_no_grad(cell):
     fast, ref = make_pair(name, I, H, **kwargs)
     fast.eval()
     ref.eval()
-    x = torch.randn(T, B, I, device=DEVICE)
-    with torch.no_grad():
-        got = fast(x)
-        want = ref(x)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert_forward_matches_torch(fast, ref, torch.randn(T, B, I))
 
 
-@pytest.mark.parametrize("cell", list(CELLS))
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy,cell", STRATEGY_CELLS)
 def test_fp16_error_within_2x_of_torch(cell, strategy):
     """fp16 through the kernels: error against an fp64 reference within 2x of torch.nn's own
     fp16 error (plus a small floor for outputs torch happens to get nearly exact)."""
@@ -188,20 +175,11 @@ def test_fp16_error_within_2x_of_torch(cell, strategy):
     fast, ref = make_pair(name, I, 16, **kwargs)
     fast.half()
     ref.half()
-    exact = getattr(torch.nn, name)(I, 16, **kwargs).to(DEVICE).double()
-    exact.load_state_dict(ref.state_dict())
+    truth_module = exact_twin(ref)  # float64 with the same (fp16-rounded) weights
     build, leaves = make_inputs(ref, "packed_unsorted", 6, B, with_hx=True, dtype=torch.float16)
     with force_strategy(strategy):
         got = run(fast, build, leaves)
-    want = run(ref, build, leaves)
-    truth = run(exact, build, [t.double() for t in leaves])
-    for key, t in truth.items():
-        if not t.is_floating_point():
-            continue
-        err_fast = (got[key].double() - t).abs().max().item()
-        err_torch = (want[key].double() - t).abs().max().item()
-        assert err_fast <= 2 * err_torch + 2e-3 * max(1.0, t.abs().max().item()), (
-            key, err_fast, err_torch)
+    assert_close_to_truth(got, run(ref, build, leaves), run(truth_module, build, leaves), ulps=2)
 
 
 def test_kernels_ran_not_torch(monkeypatch):

@@ -1,38 +1,82 @@
-"""Mixed precision and autocast, and the GPU checks of every strategy, bf16 and long sequences.
+"""Precision: which switch governs fp32, mixed precision and autocast, and the GPU checks of every
+strategy in fp16/bf16/fp32 and over long sequences.
 
-Accuracy is measured against a float64 run of torch.nn with the same weights: fastrnn's fp32
-error must be no worse than torch.nn's (TF32 off), and its fp16/bf16 error within 2x of torch.nn's
-own in the same precision.
+Accuracy is measured against a float64 run of torch.nn with the same weights (on the CPU): fastrnn's
+fp32 error must be no worse than torch.nn's, and its fp16/bf16 error within 2x of torch.nn's own in
+the same precision.
 """
 
 import pytest
 import torch
 
 import fastrnn
-from tests.parity import DEVICE, make_inputs, make_pair, run
+from fastrnn.ops import recurrence as rec
+from fastrnn.ops import select
+from tests.parity import (DEVICE, assert_close_to_truth, exact_twin, full_fp32, make_inputs,
+                          make_pair, run)
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CELLS = [("LSTM", {}), ("GRU", {}), ("RNN", {})]
 
 
-def _errors(name, kwargs, dtype, strategy, I=32, H=64, T=20, B=8, kind="padded"):
-    fast, ref = make_pair(name, I, H, **kwargs)
-    exact = getattr(torch.nn, name)(I, H, **kwargs).to(DEVICE).double()
-    exact.load_state_dict(ref.state_dict())
-    fast.to(dtype)
-    ref.to(dtype)
-    build, leaves = make_inputs(ref, kind, T, B, with_hx=True, dtype=dtype)
-    with fastrnn.force_strategy(strategy):
-        got = run(fast, build, leaves)
-    want = run(ref, build, leaves)
-    truth = run(exact, build, [t.double() for t in leaves])
-    out = {}
-    for key, t in truth.items():
-        if t.is_floating_point():
-            scale = t.abs().max().item() or 1.0
-            out[key] = ((got[key].double() - t).abs().max().item() / scale,
-                        (want[key].double() - t).abs().max().item() / scale)
-    return out
+def test_fp32_follows_cudnns_rnn_tf32_switch(monkeypatch):
+    """On CUDA fp32 recurrences follow the switch torch.nn's cuDNN RNNs follow: TF32 tensor cores
+    when it is on (torch's default), three-pass TF32 (about fp32 accuracy, still tensor cores) when
+    it is off; never Triton's scalar-FMA "ieee" dot. The matmul switch does not matter."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(select, "interpreting", lambda: False)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        for cudnn_tf32, matmul_tf32 in [(True, False), (True, True), (False, False),
+                                        (False, True)]:
+            torch.backends.cudnn.allow_tf32 = cudnn_tf32
+            torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+            want = "tf32" if cudnn_tf32 else "tf32x3"
+            assert select.precision(torch.float32, cuda) == want
+        assert select.precision(torch.float16, cuda) == "ieee"   # no fp32 operands
+        assert select.precision(torch.float64, cuda) == "ieee"
+        assert select.precision(torch.float32, torch.device("cpu")) == "ieee"
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.skipif(not hasattr(getattr(torch.backends.cudnn, "rnn", None), "fp32_precision"),
+                    reason="this torch has no per-operator TF32 switches")
+def test_fp32_follows_the_per_operator_switch(monkeypatch):
+    """torch >= 2.9: cuDNN's RNNs read ``torch.backends.cudnn.rnn.fp32_precision``."""
+    monkeypatch.setattr(select, "interpreting", lambda: False)
+    rnn = torch.backends.cudnn.rnn
+    saved = rnn.fp32_precision
+    try:
+        rnn.fp32_precision = "ieee"
+        assert select.precision(torch.float32, torch.device("cuda")) == "tf32x3"
+        rnn.fp32_precision = "tf32"
+        assert select.precision(torch.float32, torch.device("cuda")) == "tf32"
+    finally:
+        rnn.fp32_precision = saved
+
+
+def test_op_gemms_follow_the_same_switch(monkeypatch):
+    """The op's own GEMMs (input projection, weight gradients) follow cuDNN's switch too, for
+    the duration of the op only: the user's matmul setting is left as it was."""
+    matmul = torch.backends.cuda.matmul
+    saved = torch.backends.cudnn.allow_tf32, matmul.allow_tf32
+    seen = []
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        matmul.allow_tf32 = False
+        with rec.gemm_precision(torch.float32, torch.device("cuda")):
+            seen.append(matmul.allow_tf32)
+        torch.backends.cudnn.allow_tf32 = False
+        matmul.allow_tf32 = True
+        with rec.gemm_precision(torch.float32, torch.device("cuda")):
+            seen.append(matmul.allow_tf32)
+        with rec.gemm_precision(torch.float16, torch.device("cuda")):
+            seen.append(matmul.allow_tf32)  # not fp32: untouched
+        assert seen == [True, False, True]
+        assert matmul.allow_tf32 is True
+    finally:
+        torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = saved
 
 
 def test_autocast_runs_the_layer_in_the_autocast_dtype():
@@ -46,6 +90,33 @@ def test_autocast_runs_the_layer_in_the_autocast_dtype():
     assert out.dtype == torch.float16 and h.dtype == torch.float16
     want, _ = ref(x, h0)
     torch.testing.assert_close(out.float(), want, atol=5e-3, rtol=5e-3)
+
+
+@pytest.mark.parametrize("gpu_name", ["H100", "A100", "L4"])
+def test_cooperative_plans_many_programs_per_group(gpu_name):
+    """Where it applies, the cooperative strategy spreads a recurrence over several programs per
+    group (so its barrier really synchronises programs) and never more programs than SMs."""
+    from fastrnn import _modes
+
+    spec = select.GPUS[gpu_name]
+    for mode, H, B, D in [(_modes.LSTM, 256, 16, 1), (_modes.GRU, 128, 64, 2),
+                          (_modes.RNN_TANH, 512, 8, 1)]:
+        problem = select.Problem(mode, B, H, H, D, torch.float16)
+        the_plan = select.plan(problem, spec, "cooperative")
+        per_group, batch_tiles, directions = the_plan.grid
+        assert per_group > 1 and per_group * batch_tiles * directions <= spec.sm_count
+        assert select.plan(problem, spec).strategy == "cooperative"
+
+
+def _errors(name, kwargs, dtype, strategy, I=32, H=64, T=20, B=8, kind="padded"):
+    fast, ref = make_pair(name, I, H, **kwargs)
+    fast.to(dtype)
+    ref.to(dtype)
+    truth = exact_twin(ref)
+    build, leaves = make_inputs(ref, kind, T, B, with_hx=True, dtype=dtype)
+    with fastrnn.force_strategy(strategy):
+        got = run(fast, build, leaves)
+    return got, run(ref, build, leaves), run(truth, build, leaves)
 
 
 @gpu
@@ -67,45 +138,39 @@ def test_autocast_bf16_runs_in_bf16_on_gpu():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_half_precision_error_within_2x_of_torch(name, kwargs, dtype, strategy):
     H = 32 if strategy == "persistent" else 256
-    for key, (err_fast, err_torch) in _errors(name, kwargs, dtype, strategy, H=H).items():
-        assert err_fast <= 2 * err_torch + 1e-3, (key, err_fast, err_torch)
+    assert_close_to_truth(*_errors(name, kwargs, dtype, strategy, H=H), ulps=2)
 
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("tf32", [False, True], ids=["tf32-off", "tf32-on"])
 @pytest.mark.parametrize("strategy", ["persistent", "stepwise", "cooperative"])
 @pytest.mark.parametrize("name,kwargs", CELLS, ids=[c[0] for c in CELLS])
-def test_fp32_error_no_worse_than_torch_tf32_off(name, kwargs, strategy, monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def test_fp32_error_within_2x_of_torch(name, kwargs, strategy, tf32):
+    """Both sides under the same switch: TF32 on (the default) or off (then fastrnn's three-pass
+    TF32 against cuDNN's fp32)."""
     H = 32 if strategy == "persistent" else 256
-    kind = "packed_unsorted"
-    for key, (err_fast, err_torch) in _errors(name, kwargs, torch.float32, strategy, H=H,
-                                              kind=kind).items():
-        assert err_fast <= 2 * err_torch + 1e-6, (key, err_fast, err_torch)
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        got, want, truth = _errors(name, kwargs, torch.float32, strategy, H=H,
+                                   kind="packed_unsorted")
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+    assert_close_to_truth(got, want, truth)
 
 
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("strategy", ["persistent", "stepwise", "cooperative"])
 @pytest.mark.parametrize("name,kwargs", CELLS, ids=[c[0] for c in CELLS])
-def test_long_sequence_every_strategy(name, kwargs, strategy, monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+def test_long_sequence_every_strategy(name, kwargs, strategy):
+    """T = 10,000 in full fp32 on both sides, gradients included."""
     H = 32 if strategy == "persistent" else 256
     fast, ref = make_pair(name, 16, H, bidirectional=True, **kwargs)
     build, leaves = make_inputs(ref, "padded", 10_000, 4, with_hx=True)
-    with fastrnn.force_strategy(strategy):
+    with full_fp32(), fastrnn.force_strategy(strategy):
         got = run(fast, build, leaves)
-    want = run(ref, build, leaves)
-    for key in want:
-        torch.testing.assert_close(got[key], want[key], atol=1e-3, rtol=1e-3, msg=key)
-
-
-@gpu
-@pytest.mark.gpu
-def test_cooperative_grid_uses_many_programs_per_group():
-    from fastrnn import _modes
-    from fastrnn.ops import cooperative
-
-    layout = cooperative.plan(_modes.LSTM, 512, 512, 64, 1, torch.device("cuda"))
-    assert layout is not None and layout[3] > 1  # the barrier really synchronises programs
+        want = run(ref, build, leaves)
+    truth = run(exact_twin(ref), build, leaves)
+    assert_close_to_truth(got, want, truth)

@@ -4,20 +4,27 @@ training loop, threads and CUDA streams, 64-bit offsets and very long sequences 
 import gc
 import math
 import threading
+import warnings
 
 import pytest
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
 import fastrnn
-from tests.parity import DEVICE, assert_parity, make_inputs, make_pair, run
+from tests.parity import (DEVICE, assert_forward_matches_torch, assert_parity, make_inputs,
+                          make_pair, run)
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 I, H = 4, 6
 
 
-def _packed(data_rows, batch_sizes, dtype=torch.int64):
-    return PackedSequence(torch.randn(data_rows, I), torch.tensor(batch_sizes, dtype=dtype))
+def _packed(data_rows, batch_sizes, dtype=torch.int64, device="cpu"):
+    data = torch.randn(data_rows, I, generator=torch.Generator().manual_seed(0)).to(device)
+    return PackedSequence(data, torch.tensor(batch_sizes, dtype=dtype))
+
+
+def _on(packed, device):
+    return PackedSequence(packed.data.to(device), packed.batch_sizes)
 
 
 MISUSE = {  # case -> (packed input, exception class, fastrnn's message)
@@ -36,12 +43,13 @@ MISUSE = {  # case -> (packed input, exception class, fastrnn's message)
 @pytest.mark.parametrize("case", list(MISUSE))
 def test_packed_sequence_misuse(cell, case):
     """torch.nn fails on these deep inside ATen (or reads garbage); fastrnn raises the same class
-    with a message that names the problem, and changes nothing."""
-    fast, ref = make_pair(cell, I, H)
+    with a message that names the problem, and changes nothing. torch.nn runs them on the CPU:
+    on a GPU reading past the data could fault and poison the process."""
+    fast, ref = make_pair(cell, I, H, ref_device="cpu")
     make, cls, msg = MISUSE[case]
-    packed = make()
     with pytest.raises(cls):
-        ref(packed)
+        ref(make())
+    packed = _on(make(), DEVICE)
     before = [p.detach().clone() for p in fast.parameters()]
     data_before = packed.data.clone()
     with pytest.raises(cls) as got:
@@ -55,27 +63,27 @@ def test_packed_sequence_misuse(cell, case):
 @pytest.mark.parametrize("rows,batch_sizes", [(6, [3, 2]), (3, [3, 0])],
                          ids=["extra-rows", "zero-size-step"])
 def test_packed_sequences_torch_accepts_give_the_same_result(cell, rows, batch_sizes):
-    fast, ref = make_pair(cell, I, H)
+    fast, ref = make_pair(cell, I, H, ref_device="cpu")
     packed = _packed(rows, batch_sizes)
-    got, want = fast(packed), ref(packed)
-    torch.testing.assert_close(got[0].data, want[0].data, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        got, want = fast(_on(packed, DEVICE)), ref(packed)
+    torch.testing.assert_close(got[0].data.cpu(), want[0].data, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1][0].cpu() if cell == "LSTM" else got[1].cpu(),
+                               want[1][0] if cell == "LSTM" else want[1], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("cell", ["RNN", "LSTM", "GRU"])
 def test_nan_and_inf_in_states_propagate_like_torch(cell):
     fast, ref = make_pair(cell, I, H, num_layers=2, bidirectional=True)
-    x = torch.randn(4, 3, I, device=DEVICE)
-    h0 = torch.randn(4, 3, H, device=DEVICE)
+    x = torch.randn(4, 3, I)
+    h0 = torch.randn(4, 3, H)
     h0[0, 1, 2] = math.nan
     h0[3, 0, 0] = math.inf
-    hx = (h0, torch.randn(4, 3, H, device=DEVICE)) if cell == "LSTM" else h0
+    hx = (h0, torch.randn(4, 3, H)) if cell == "LSTM" else h0
     if cell == "LSTM":
         hx[1][1, 2, 1] = -math.inf
-    with torch.no_grad():
-        got, want = fast(x, hx), ref(x, hx)
-    torch.testing.assert_close(got[0], want[0], equal_nan=True, atol=1e-5, rtol=1e-5)
+    assert_forward_matches_torch(fast, ref, x, hx)
 
 
 @pytest.mark.parametrize("strategy", ["persistent", "stepwise"])
@@ -96,29 +104,34 @@ def test_bitwise_deterministic(strategy):
 
 def _live_tensors():
     gc.collect()
-    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+    with warnings.catch_warnings():  # isinstance() on every object touches deprecated aliases
+        warnings.simplefilter("ignore")
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
 
 
 @pytest.mark.parametrize("cell", ["LSTM", "GRU"])
 def test_training_loop_holds_steady_memory(cell):
     """A long training loop keeps no reference to anything per step: the number of live tensors
-    (and on a GPU the allocated bytes) stay flat."""
+    stays flat, and on a GPU so do the allocated bytes over the second half of the loop (a leak
+    grows with the steps; a workspace allocated once, late, does not)."""
     steps = 1000 if DEVICE == "cuda" else 150
     torch.manual_seed(0)
     model = getattr(fastrnn, cell)(3, 4, num_layers=2, bidirectional=True).to(DEVICE)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x = torch.randn(3, 2, 3, device=DEVICE)
     marks = {}
+    checkpoints = (steps // 5, steps // 2, steps - 1)
     for step in range(steps):
         opt.zero_grad()
         out, _ = model(x)
         out.pow(2).mean().backward()
         opt.step()
-        if step in (steps // 5, steps - 1):
+        if step in checkpoints:
             mem = torch.cuda.memory_allocated() if DEVICE == "cuda" else 0
             marks[step] = (_live_tensors(), mem)
-    first, last = marks[steps // 5], marks[steps - 1]
-    assert last == first
+    tensors = [marks[c][0] for c in checkpoints]
+    assert tensors == [tensors[0]] * 3
+    assert marks[checkpoints[2]][1] == marks[checkpoints[1]][1]
 
 
 def test_threads_give_sequential_results():
@@ -175,18 +188,24 @@ def test_two_cuda_streams_match_sequential():
 @pytest.mark.slow
 @pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
 def test_very_long_sequence_matches_torch(cell):
-    fast, ref = make_pair(cell, 8, 16)
-    x = torch.randn(100_000, 4, 8, device="cuda")
-    with torch.no_grad():
-        got, want = fast(x), ref(x)
-    torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
+    """T = 100,000. cuDNN refuses sequences this long (CUDNN_STATUS_NOT_SUPPORTED, H100), so the
+    reference is torch.nn on the CPU, checked against float64 like every parity test."""
+    fast, ref = make_pair(cell, 8, 16, ref_device="cpu")
+    assert_forward_matches_torch(fast, ref, torch.randn(100_000, 4, 8))
 
 
 @gpu
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_large_batch_and_64bit_offsets():
-    """T*B*4H beyond 2^31 elements: offsets must be 64-bit."""
+    """T*B*4H beyond 2^31 elements: offsets into the input projections must be 64-bit.
+
+    On the H100 (2026-11-22) this test failed inside cuDNN (CUDNN_STATUS_EXECUTION_FAILED_CUDART),
+    with an illegal memory access after it in the same process. A fault in fastrnn's kernel would
+    surface at the next CUDA call, which was cuDNN's, so the two could not be told apart. Now
+    fastrnn's run is synchronised on its own (a fault there fails here, named), and the reference
+    is torch.nn on a few rows of the batch (rows are independent), which cuDNN runs comfortably.
+    """
     fast, ref = make_pair("LSTM", 16, 64)
     fast.half()
     ref.half()
@@ -195,6 +214,8 @@ def test_large_batch_and_64bit_offsets():
     x = torch.randn(T, B, 16, device="cuda", dtype=torch.float16)
     with torch.no_grad():
         got = fast(x)[0]
-        want = ref(x)[0]
-    for t in (0, T // 2, T - 1):
-        torch.testing.assert_close(got[t], want[t], atol=2e-2, rtol=2e-2)
+    torch.cuda.synchronize()  # a fault in fastrnn's kernels is reported here, as fastrnn's
+    rows = torch.tensor([0, 1, B // 2, B - 1], device="cuda")
+    with torch.no_grad():
+        want = ref(x[:, rows].contiguous())[0]
+    torch.testing.assert_close(got[:, rows], want, atol=2e-2, rtol=2e-2)
