@@ -52,7 +52,7 @@ def run_benchmark(benchmark, environment, config, provider, phase):
     case = fb.build_case(config, provider, DEVICE)
     benchmark.group = f"{config.grid}:{config.label()}:{phase}"
     benchmark.extra_info.update({k: environment[k] for k in (
-        "device", "torch", "triton", "cudnn", "commit", "cudnn_allow_tf32", "matmul_allow_tf32")})
+        "device", "torch", "triton", "cudnn", "commit", "fp32_tf32") if k in environment})
     benchmark.extra_info.update(dataclasses.asdict(config))
     benchmark.extra_info.update(provider=provider, phase=phase)
     rounds, warmup = (20, 3) if DEVICE.type == "cuda" else (1, 0)

@@ -8,17 +8,19 @@ plot of the speedup over torch.nn.
 Providers:
 
 * ``fastrnn``: fastrnn's layer as users run it.
-* ``torch.nn``: torch.nn's layer as users run it (cuDNN; for fp32 cuDNN follows
-  ``torch.backends.cudnn.allow_tf32``, True by default).
-* ``torch.nn-tf32off``: torch.nn with cuDNN's TF32 switched off (fp32 only): the like-for-like
-  comparison when fastrnn's fp32 GEMMs run in IEEE fp32 (torch's default matmul setting).
+* ``torch.nn``: torch.nn's layer as users run it (cuDNN on a GPU). For fp32 both follow cuDNN's
+  RNN TF32 switch (``torch.backends.cudnn.rnn.fp32_precision``, or ``allow_tf32`` on older torch;
+  on by default), so the two compute at the same precision.
+* ``torch.nn-tf32off``: torch.nn with cuDNN's TF32 switched off (fp32 only), for reference.
 * ``torch.nn-graph``: torch.nn captured in a CUDA graph and replayed (padded input only), so no
   launch overhead is counted against it.
 
 Phases: ``fwd`` is inference (forward under ``torch.no_grad``); ``fwd+bwd`` is a training step
 (forward, then backward with fixed upstream gradients into the input, the states and every
 weight). Times are medians over repetitions after warm-up, with CUDA events; peak memory is the
-growth of ``torch.cuda.max_memory_allocated`` over one run.
+growth of ``torch.cuda.max_memory_allocated`` over one run. A configuration that fails is a row
+with its error, and the run goes on; JSON and CSV are rewritten after every configuration.
+Under Triton's CPU interpreter fastrnn's times are not reported (they say nothing of its speed).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -40,6 +43,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from . import modules
 from .backend import interpreting
+from .ops import select
 
 PROVIDERS = ("fastrnn", "torch.nn", "torch.nn-tf32off", "torch.nn-graph")
 PHASES = ("fwd", "fwd+bwd")
@@ -95,7 +99,7 @@ def _grid_cudnn_sample():
 def _grid_haste():
     # Haste's benchmark grid: T=50, B in 1..128, H in 128..4096 (LSTM and GRU).
     return [Config("haste", m, 50, b, h, h) for m in ("LSTM", "GRU")
-            for h in (128, 256, 512, 1024, 2048, 4096) for b in (1, 16, 32, 64, 128)]
+            for h in (128, 256, 512, 1024, 2048, 4096) for b in (1, 16, 64, 128)]
 
 
 def _grid_flashrnn():
@@ -106,7 +110,7 @@ def _grid_flashrnn():
 def _grid_small_batch():
     # Small-batch inference: B=1..8, H 256..1024, T=1000.
     return [Config("small-batch", m, 1000, b, h, h, phases=("fwd",)) for m in CELLS
-            for h in (256, 512, 1024) for b in (1, 2, 4, 8)]
+            for h in (256, 512, 1024) for b in (1, 8)]
 
 
 def _grid_variants():
@@ -285,15 +289,12 @@ class _TF32Off:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.saved
 
 
-def _tf32_state(provider: str, config: Config) -> bool:
-    """Whether fp32 matrix products may use TF32 for this provider."""
-    if config.dtype != "float32":
+def _tf32_state(provider: str, config: Config, device: torch.device) -> bool:
+    """Whether fp32 matrix products may use TF32 for this provider (both sides follow cuDNN's RNN
+    switch on CUDA; never on a CPU)."""
+    if config.dtype != "float32" or device.type != "cuda" or provider == "torch.nn-tf32off":
         return False
-    if provider.startswith("fastrnn"):
-        return bool(torch.backends.cuda.matmul.allow_tf32)
-    if provider == "torch.nn-tf32off":
-        return False
-    return bool(torch.backends.cudnn.allow_tf32)
+    return select.cudnn_rnn_tf32()
 
 
 def providers_for(config: Config, device: torch.device) -> list[str]:
@@ -306,34 +307,53 @@ def providers_for(config: Config, device: torch.device) -> list[str]:
     return out
 
 
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:limit]
+
+
 def measure(config: Config, device: torch.device, budget_s: float = 0.25) -> list[dict]:
-    """Every provider and phase of one configuration: records in the results schema."""
+    """Every provider and phase of one configuration: records in the results schema. Never
+    raises: a provider that fails gives records carrying its error, and the others still run."""
     records = []
-    reference_out = None
-    fast_out = None
+    outputs = {}
+    interpreted = device.type == "cpu" and interpreting()
     for provider in providers_for(config, device):
-        case = build_case(config, provider, device)
-        if provider == "fastrnn":
-            fast_out = [o.float() for o in case.forward()]
-        elif provider == "torch.nn":
-            reference_out = [o.float() for o in case.forward()]
+        try:
+            case = build_case(config, provider, device)
+            if provider in ("fastrnn", "torch.nn"):
+                outputs[provider] = [o.float() for o in case.forward()]
+        except Exception as e:  # reported as a row, never hidden
+            for phase in config.phases:
+                records.append(_record(config, provider, phase, None, None, device,
+                                       error=_first_line(e)))
+            continue
         for phase in config.phases:
+            if interpreted and provider == "fastrnn":
+                # The interpreter's times say nothing about fastrnn's speed: not reported.
+                records.append(_record(config, provider, phase, None, None, device,
+                                       note="interpreter: no timing"))
+                continue
             fn = case.forward if phase == "fwd" else case.step
             ctx = _TF32Off() if provider == "torch.nn-tf32off" else _Null()
-            note = ""
+            ms = mem = None
+            note = error = ""
             with ctx:
                 try:
                     if provider == "torch.nn-graph":
                         fn = _graphed(fn, device)
                     ms = time_ms(fn, device, budget_s=budget_s)
                     mem = peak_memory_mb(fn, device)
-                except RuntimeError as e:
-                    if provider != "torch.nn-graph":
-                        raise
-                    # cuDNN refuses capture for some cases: reported as such, never hidden.
-                    ms, mem, note = None, None, f"not capturable: {str(e).splitlines()[0][:80]}"
-            records.append(_record(config, provider, phase, ms, mem, note))
-    diff = max((a - b).abs().max().item() for a, b in zip(fast_out, reference_out))
+                except Exception as e:
+                    if provider == "torch.nn-graph":  # cuDNN refuses capture for some cases
+                        note = f"not capturable: {_first_line(e, 80)}"
+                    else:
+                        error = _first_line(e)
+            records.append(_record(config, provider, phase, ms, mem, device, note, error))
+    diff = None
+    if "fastrnn" in outputs and "torch.nn" in outputs:
+        diff = max((a - b).abs().max().item() for a, b in zip(outputs["fastrnn"],
+                                                                outputs["torch.nn"]))
     for r in records:
         r["max_abs_diff"] = diff
     return records
@@ -347,16 +367,23 @@ class _Null:
         return False
 
 
-def _record(config, provider, phase, ms, mem, note=""):
+def _record(config, provider, phase, ms, mem, device, note="", error=""):
     return {
         "grid": config.grid, "config": config.label(), "mode": config.mode,
         "dtype": config.dtype,
-        "tf32": _tf32_state(provider, config), "T": config.T, "B": config.B, "I": config.I,
-        "H": config.H, "layers": config.layers, "bidirectional": config.bidirectional,
-        "packed": config.packed, "proj_size": config.proj, "phase": phase, "provider": provider,
+        "tf32": _tf32_state(provider, config, device), "T": config.T, "B": config.B,
+        "I": config.I, "H": config.H, "layers": config.layers,
+        "bidirectional": config.bidirectional, "packed": config.packed,
+        "proj_size": config.proj, "phase": phase, "provider": provider,
         "median_ms": ms, "us_per_step": None if ms is None else ms * 1e3 / config.T,
-        "peak_mem_mb": mem, "note": note,
+        "peak_mem_mb": mem, "note": note, "error": error or None,
     }
+
+
+def _skipped(config: Config, device: torch.device, why: str) -> list[dict]:
+    return [dict(_record(config, provider, phase, None, None, device, note=why),
+                 max_abs_diff=None)
+            for provider in providers_for(config, device) for phase in config.phases]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,11 +404,12 @@ def environment(device: torch.device) -> dict:
         name = f"CPU ({platform.processor() or platform.machine()}"
         name += ", Triton interpreter)" if interpreting() else ")"
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-    return {"device": name, "torch": torch.__version__, "triton": triton.__version__,
-            "cudnn": cudnn, "commit": commit,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
-            "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32)}
+    env = {"device": name, "torch": torch.__version__, "triton": triton.__version__,
+           "cudnn": cudnn, "commit": commit,
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if device.type == "cuda":
+        env["fp32_tf32"] = select.cudnn_rnn_tf32()
+    return env
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -391,9 +419,15 @@ def summarize(records: list[dict]) -> list[dict]:
         key = tuple(r[k] for k in ("grid", "mode", "dtype", "T", "B", "I", "H", "layers",
                                    "bidirectional", "packed", "proj_size", "phase"))
         row = rows.setdefault(key, {k: r[k] for k in r if k not in (
-            "provider", "median_ms", "us_per_step", "peak_mem_mb", "tf32", "note")})
+            "provider", "median_ms", "us_per_step", "peak_mem_mb", "tf32", "note", "error")})
         row[f"{r['provider']}_ms"] = r["median_ms"]
         row[f"{r['provider']}_mem_mb"] = r["peak_mem_mb"]
+        row.setdefault("status", "ok")
+        if r["error"]:
+            row["status"] = f"error ({r['provider']}): {r['error']}"
+        elif r["note"] and r["note"].startswith(("skipped", "interpreter")) \
+                and row["status"] == "ok":
+            row["status"] = r["note"]
     out = []
     for row in rows.values():
         fast, ref = row.get("fastrnn_ms"), row.get("torch.nn_ms")
@@ -411,54 +445,106 @@ def geomean(values):
 
 
 def _fmt(v, spec):
-    return format(v, spec) if v is not None else "-"
+    """``v`` formatted, or "-" for a missing value, at the same width."""
+    if v is not None:
+        return format(v, spec)
+    width = "".join(ch for ch in spec.split(".")[0] if ch.isdigit())
+    return "-".rjust(int(width) if width else 1)
 
 
-def print_table(rows: list[dict], echo=print) -> None:
+LEGEND = [
+    ("fastrnn, torch.nn", "median milliseconds per call (fwd: forward under no_grad; "
+                          "fwd+bwd: forward and backward into input, states and weights)"),
+    ("speedup", "torch.nn ms / fastrnn ms (> 1: fastrnn is faster)"),
+    ("tf32off", "torch.nn with cuDNN's TF32 switched off (fp32 only)"),
+    ("graph", "torch.nn captured in a CUDA graph and replayed (no launch overhead)"),
+    ("us/step", "fastrnn microseconds per time step"),
+    ("mem f/t", "peak memory growth in MB, fastrnn / torch.nn"),
+    ("max|diff|", "largest difference between fastrnn's and torch.nn's forward outputs"),
+    ("-", "not measured (not applicable, skipped, or failed: see the line below the row)"),
+]
+
+
+GPU_COLUMNS = ("tf32off", "graph", "mem f/t")   # measured on CUDA only
+
+
+def print_table(rows: list[dict], echo=print, interpreted: bool = False,
+                gpu: bool = True) -> None:
     grids = []
     for r in rows:
         if r["grid"] not in grids:
             grids.append(r["grid"])
     for grid in grids:
         echo(f"\n== {grid}")
-        echo(f"{'configuration':<44} {'phase':<8} {'fastrnn':>9} {'torch.nn':>9} {'speedup':>8} "
-             f"{'tf32off':>9} {'graph':>9} {'us/step':>8} {'mem MB f/t':>13} {'max|diff|':>9}")
+        head = f"{'configuration':<44} {'phase':<8} {'fastrnn':>9} {'torch.nn':>9} {'speedup':>8}"
+        if gpu:
+            head += f" {'tf32off':>9} {'graph':>9}"
+        head += f" {'us/step':>8}"
+        if gpu:
+            head += f" {'mem f/t':>11}"
+        echo(head + f" {'max|diff|':>9}")
         for r in rows:
             if r["grid"] != grid:
                 continue
-            mem = f"{_fmt(r.get('fastrnn_mem_mb'), '.0f')}/{_fmt(r.get('torch.nn_mem_mb'), '.0f')}"
-            echo(f"{r['config']:<44} {r['phase']:<8} {_fmt(r.get('fastrnn_ms'), '9.3f')} "
-                 f"{_fmt(r.get('torch.nn_ms'), '9.3f')} {_fmt(r['speedup'], '7.2f')}x "
-                 f"{_fmt(r.get('torch.nn-tf32off_ms'), '9.3f')} "
-                 f"{_fmt(r.get('torch.nn-graph_ms'), '9.3f')} {_fmt(r['us_per_step'], '8.2f')} "
-                 f"{mem:>13} {r['max_abs_diff']:9.2e}")
-    g = geomean([r["speedup"] for r in rows])
-    echo(f"\ngeometric-mean speedup over torch.nn: {_fmt(g, '.2f')}x "
-         f"({sum(1 for r in rows if r['speedup'])} configuration-phases); "
-         f"min {_fmt(min((r['speedup'] for r in rows if r['speedup']), default=None), '.2f')}x")
+            speedup = "interp." if interpreted else f"{_fmt(r['speedup'], '7.2f')}x"
+            line = (f"{r['config']:<44} {r['phase']:<8} {_fmt(r.get('fastrnn_ms'), '9.3f')} "
+                    f"{_fmt(r.get('torch.nn_ms'), '9.3f')} {speedup:>8}")
+            if gpu:
+                line += (f" {_fmt(r.get('torch.nn-tf32off_ms'), '9.3f')}"
+                         f" {_fmt(r.get('torch.nn-graph_ms'), '9.3f')}")
+            line += f" {_fmt(r['us_per_step'], '8.2f')}"
+            if gpu:
+                mem = (f"{_fmt(r.get('fastrnn_mem_mb'), '.0f')}/"
+                       f"{_fmt(r.get('torch.nn_mem_mb'), '.0f')}")
+                line += f" {mem:>11}"
+            echo(line + f" {_fmt(r.get('max_abs_diff'), '9.2e')}")
+            if r["status"] != "ok" and not r["status"].startswith("interpreter"):
+                echo(f"    {r['status']}")
+    echo("\nColumns:")
+    for name, meaning in LEGEND:
+        if name in GPU_COLUMNS and not gpu:
+            continue
+        if name == "speedup" and interpreted:
+            meaning = ("'interp.': fastrnn ran in Triton's CPU interpreter, whose times say "
+                       "nothing about its speed on a GPU, so none is reported")
+        echo(f"  {name:<18} {meaning}")
+    if interpreted:
+        return
+    speedups = [r["speedup"] for r in rows if r["speedup"]]
+    g = geomean(speedups)
+    failed = sum(1 for r in rows if r["status"].startswith("error"))
+    skipped = sum(1 for r in rows if r["status"].startswith("skipped"))
+    echo(f"\ngeometric-mean speedup over torch.nn: {_fmt(g, '.2f')}x ({len(speedups)} "
+         f"configuration-phases; min {_fmt(min(speedups, default=None), '.2f')}x); "
+         f"{failed} failed, {skipped} skipped")
 
 
-def write_outputs(env: dict, records: list[dict], rows: list[dict], out_dir: str,
-                  stem: str) -> list[str]:
+def _atomic_write(path: str, write) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def write_data(env: dict, records: list[dict], rows: list[dict], out_dir: str,
+               stem: str) -> list[str]:
+    """JSON (every record) and CSV (one row per configuration and phase); rewritten after every
+    configuration, so a run that is killed keeps what it measured."""
     os.makedirs(out_dir, exist_ok=True)
-    paths = []
     json_path = os.path.join(out_dir, stem + ".json")
-    with open(json_path, "w") as f:
-        json.dump({**env, "records": records}, f, indent=1)
-    paths.append(json_path)
+    _atomic_write(json_path, lambda f: json.dump({**env, "records": records}, f, indent=1))
     csv_path = os.path.join(out_dir, stem + ".csv")
-    with open(csv_path, "w", newline="") as f:
-        fields = list(rows[0].keys()) if rows else []
+
+    def write_csv(f):
+        fields = []
         for r in rows:
             fields += [k for k in r if k not in fields]
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    paths.append(csv_path)
-    png = plot(rows, env, os.path.join(out_dir, stem + ".png"))
-    if png:
-        paths.append(png)
-    return paths
+
+    _atomic_write(csv_path, write_csv)
+    return [json_path, csv_path]
 
 
 def plot(rows: list[dict], env: dict, path: str) -> str | None:
@@ -489,31 +575,65 @@ def plot(rows: list[dict], env: dict, path: str) -> str | None:
     return path
 
 
+def _progress_line(i, n, config, seconds, elapsed, eta):
+    return (f"  [{i}/{n}] {config.grid}: {config.label()}: {seconds:.1f} s "
+            f"(elapsed {elapsed:.0f} s, ETA {eta:.0f} s)")
+
+
 def run(grids=None, device: torch.device | None = None, out_dir: str = "fastrnn-bench",
-        budget_s: float = 0.25, echo=print, progress=None) -> tuple[dict, list[dict], list[str]]:
+        budget_s: float = 0.25, echo=print, progress=None, max_minutes: float | None = None,
+        suite: str | None = None) -> tuple[dict, list[dict], list[str]]:
+    """Measure the named grids; print the tables; write JSON, CSV (as the run goes) and a PNG.
+
+    ``max_minutes``: configurations that would start after it are skipped (visible rows).
+    ``suite``: the test suite's summary line, stored in the JSON (the GPU run script passes it).
+    """
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if grids is None:
         grids = list(DEFAULT_GRIDS) if device.type == "cuda" else ["smoke"]
     configs = [c for g in grids for c in GRIDS[g]()]
     env = environment(device)
+    if suite:
+        env["suite"] = suite
+    interpreted = device.type == "cpu" and interpreting()
     echo(f"fastrnn bench on {env['device']}: torch {env['torch']}, triton {env['triton']}, "
-         f"cuDNN {env['cudnn']}; fp32 TF32: torch.nn (cuDNN) {'on' if env['cudnn_allow_tf32'] else 'off'}, "
-         f"fastrnn (matmul setting) {'on' if env['matmul_allow_tf32'] else 'off'}")
+         f"cuDNN {env['cudnn']}")
+    if device.type == "cuda":
+        echo(f"fp32 runs {'with' if env['fp32_tf32'] else 'without'} TF32 on both sides "
+             "(cuDNN's RNN switch, torch.backends.cudnn.rnn.fp32_precision / allow_tf32)")
     echo(f"grids: {', '.join(grids)} ({len(configs)} configurations)")
-    if device.type != "cuda":
-        echo("no GPU: the kernels run in Triton's CPU interpreter, so these timings are a smoke "
-             "check of the benchmark, not a performance measurement")
-    progress = progress or (lambda i, n, c, s: print(
-        f"  [{i}/{n}] {c.grid}: {c.label()} ({s:.1f}s)", file=sys.stderr, flush=True))
-    records = []
-    start = time.perf_counter()
-    for i, config in enumerate(configs, 1):
-        records += measure(config, device, budget_s=budget_s)
-        progress(i, len(configs), config, time.perf_counter() - start)
-    rows = summarize(records)
-    print_table(rows, echo)
+    if interpreted:
+        echo("no GPU: fastrnn's kernels run in Triton's CPU interpreter, so this run checks that "
+             "the benchmark works; it times nothing of fastrnn's")
+    progress = progress or (lambda line: print(line, file=sys.stderr, flush=True))
     slug = "".join(ch if ch.isalnum() else "-" for ch in env["device"]).strip("-").lower()
-    stem = f"{slug}-{env['date'][:10]}"
-    paths = write_outputs(env, records, rows, out_dir, stem)
+    stem = f"{slug}-{env['date'][:19].replace(':', '')}"
+    records, paths = [], []
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i, config in enumerate(configs, 1):
+            elapsed = time.perf_counter() - start
+            per_config = elapsed / (i - 1) if i > 1 else 0.0
+            if max_minutes is not None and elapsed + per_config > 60 * max_minutes:
+                records += _skipped(config, device, f"skipped: past --max-minutes {max_minutes}")
+                continue
+            t0 = time.perf_counter()
+            records += measure(config, device, budget_s=budget_s)
+            now = time.perf_counter()
+            paths = write_data(env, records, summarize(records), out_dir, stem)
+            eta = (now - start) / i * (len(configs) - i)
+            progress(_progress_line(i, len(configs), config, now - t0, now - start, eta))
+    rows = summarize(records)
+    paths = write_data(env, records, rows, out_dir, stem)
+    print_table(rows, echo, interpreted, gpu=device.type == "cuda")
+    png = plot(rows, env, os.path.join(out_dir, stem + ".png"))
+    if png:
+        paths.append(png)
+    notes = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))
+    if notes:
+        echo("\nNotes (warnings raised during the run, once each):")
+        for note in notes:
+            echo(f"  {note}")
     echo("\nwrote " + ", ".join(paths))
     return env, records, paths

@@ -1,4 +1,4 @@
-"""The benchmark report runs (smoke grid) and writes JSON in the documented schema, CSV and PNG."""
+"""The benchmark report (the main job): runs, never dies, writes as it goes, reads cleanly."""
 
 import csv
 import json
@@ -10,6 +10,7 @@ import pytest
 
 from fastrnn import bench
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMA_TOP = {"device", "torch", "triton", "cudnn", "commit", "date", "records"}
 SCHEMA_RECORD = {"mode", "dtype", "tf32", "T", "B", "I", "H", "layers", "bidirectional", "packed",
                  "phase", "provider", "median_ms", "peak_mem_mb"}
@@ -23,8 +24,9 @@ def test_named_grids_cover_the_issue():
     flash = [c for c in bench.GRIDS["flashrnn"]() if c.mode == "LSTM"][0]
     assert (flash.T, flash.B, flash.I, flash.H, flash.dtype) == (1024, 16, 768, 768, "float16")
     haste = bench.GRIDS["haste"]()
-    assert {c.B for c in haste} == {1, 16, 32, 64, 128} and min(c.H for c in haste) == 128 \
-        and max(c.H for c in haste) == 4096 and {c.T for c in haste} == {50}
+    assert min(c.B for c in haste) == 1 and max(c.B for c in haste) == 128
+    assert min(c.H for c in haste) == 128 and max(c.H for c in haste) == 4096
+    assert {c.T for c in haste} == {50}
     assert all(c.B <= 8 and c.phases == ("fwd",) for c in bench.GRIDS["small-batch"]())
     variants = bench.GRIDS["variants"]()
     assert {c.dtype for c in variants} == {"float32", "bfloat16", "float16"}
@@ -32,26 +34,65 @@ def test_named_grids_cover_the_issue():
     assert any(c.bidirectional for c in variants) and max(c.layers for c in variants) == 4
 
 
-def test_report_writes_schema_csv_and_plot(tmp_path):
-    lines = []
+def test_report_writes_as_it_goes_and_survives_a_failure(tmp_path, monkeypatch):
+    """A configuration that fails is a row with its error, the run goes on; the JSON and CSV on
+    disk hold every configuration measured so far after each one; one progress line each."""
+    real = bench.build_case
+
+    def flaky(config, provider, device, seed=0):
+        if config.mode == "GRU" and provider == "fastrnn":
+            raise RuntimeError("out of resource: shared memory, Required: 262144")
+        return real(config, provider, device, seed)
+
+    monkeypatch.setattr(bench, "build_case", flaky)
+    seen, lines = [], []
+
+    def progress(line):
+        seen.append(line)
+        (path,) = [p for p in os.listdir(tmp_path) if p.endswith(".json")]
+        with open(tmp_path / path) as f:
+            data = json.load(f)
+        configs = {r["config"] for r in data["records"]}
+        assert len(configs) == len(seen)  # written before the line is printed
+
     env, records, paths = bench.run(["smoke"], out_dir=str(tmp_path), budget_s=0.0,
-                                    echo=lines.append, progress=lambda *a: None)
+                                    echo=lines.append, progress=progress, suite="7 passed")
+    assert len(seen) == len(bench.GRIDS["smoke"]())
+    assert all("ETA" in line and " s " in line for line in seen)
     with open(paths[0]) as f:
         data = json.load(f)
-    assert SCHEMA_TOP <= set(data)
+    assert SCHEMA_TOP <= set(data) and data["suite"] == "7 passed"
     assert data["records"] and all(SCHEMA_RECORD <= set(r) for r in data["records"])
-    providers = {r["provider"] for r in data["records"]}
-    assert {"fastrnn", "torch.nn"} <= providers
-    assert {r["phase"] for r in data["records"]} == {"fwd", "fwd+bwd"}
-    assert all(r["median_ms"] > 0 for r in data["records"])
-    assert all(r["max_abs_diff"] < 1e-4 for r in data["records"])
+    failed = [r for r in data["records"] if r["error"]]
+    assert failed and {r["mode"] for r in failed} == {"GRU"}
+    assert all("shared memory" in r["error"] for r in failed)
+    assert any(r["provider"] == "torch.nn" and r["mode"] == "GRU" and r["median_ms"]
+               for r in data["records"])  # the other provider still ran
     with open(paths[1]) as f:
         rows = list(csv.DictReader(f))
-    assert rows and "speedup" in rows[0]
+    assert rows and "speedup" in rows[0] and "status" in rows[0]
     text = "\n".join(lines)
-    assert "fastrnn bench on" in text and "TF32" in text and "geometric-mean speedup" in text
-    pytest.importorskip("matplotlib")
-    assert paths[2].endswith(".png") and os.path.getsize(paths[2]) > 1000
+    assert "error (fastrnn): RuntimeError: out of resource" in text
+
+
+def test_report_on_the_cpu_reads_cleanly(tmp_path):
+    """Interpreter runs time nothing of fastrnn's: no speedups (no 0.00x), no TF32 line where
+    there is no cuDNN, a legend for every column, torch's warnings after the tables."""
+    lines = []
+    env, records, paths = bench.run(["smoke"], out_dir=str(tmp_path), budget_s=0.0,
+                                    echo=lines.append, progress=lambda line: None)
+    text = "\n".join(lines)
+    assert all(r["median_ms"] is None and r["note"] == "interpreter: no timing"
+               for r in records if r["provider"] == "fastrnn")
+    assert all(r["median_ms"] > 0 for r in records if r["provider"] == "torch.nn")
+    assert "0.00x" not in text and "interp." in text and "TF32" not in text
+    for column in ("fastrnn, torch.nn", "speedup", "us/step", "max|diff|"):
+        assert f"  {column}" in text
+    for gpu_only in ("tf32off", "graph", "mem f/t"):  # measured on CUDA only
+        assert gpu_only not in text
+    tables = text.split("Notes")[0]
+    assert "Warning" not in tables
+    assert all(r["max_abs_diff"] < 1e-4 for r in records)
 
 
 def test_main_job_command_runs(tmp_path):
@@ -59,9 +100,22 @@ def test_main_job_command_runs(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # it sets it itself
     proc = subprocess.run([sys.executable, "-m", "fastrnn", "bench", "--grid", "smoke",
                            "--budget", "0", "--out", str(tmp_path)], capture_output=True,
-                          text=True, env=env, timeout=600,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                          text=True, env=env, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "configurations match torch.nn" in proc.stdout
-    assert "geometric-mean speedup" in proc.stdout
+    assert "configurations match torch.nn" in proc.stdout and "MISMATCH" not in proc.stdout
+    assert "Columns:" in proc.stdout and "0.00x" not in proc.stdout
+    assert "[4/4] smoke:" in proc.stderr and "ETA" in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert any(name.endswith(".json") for name in os.listdir(tmp_path))
+
+
+@pytest.mark.parametrize("args", [["--help"], ["bench", "--help"], ["explain", "--help"]])
+def test_help_is_clean(args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "fastrnn", *args], capture_output=True,
+                          text=True, env=env, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage: python -m fastrnn")
+    if args == ["--help"]:
+        for command in ("parity", "bench", "explain"):
+            assert f"\n  {command}" in proc.stdout
