@@ -6,9 +6,10 @@ runs one layer, all of its directions: one GEMM projects the input of every step
 ``torch.library`` custom op (``fastrnn::recurrence``) with a fake implementation and registered
 autograd, so ``torch.compile`` traces it without graph breaks. Its backward is a second custom op,
 ``fastrnn::recurrence_backward``: the backward kernel (backpropagation through time) and, after
-it, the whole-sequence GEMMs for the gradients of the input and the weights. With
-``create_graph=True`` (double backward) the backward instead differentiates the plain-PyTorch
-reference, recomputed from the saved inputs.
+it, the whole-sequence GEMMs for the gradients of the input and the weights. Derivatives of those
+gradients (double backward) differentiate the plain-PyTorch reference, recomputed from the saved
+inputs; forward-mode AD (jvp) likewise. Both ops have vmap rules (torch.func): a vmapped
+dimension folds into the batch, one launch for all samples.
 
 ``strategy`` names the kernel strategy (``select.resolve`` decides it where the layer is called;
 "" lets the op decide). The autograd context records it, so the backward runs the strategy the
@@ -123,10 +124,12 @@ def _lengths(lengths: Optional[Tensor], device) -> Optional[Tensor]:
 
 
 @torch.library.custom_op("fastrnn::recurrence", mutates_args=())
-def recurrence(x: Tensor, w_ih: Tensor, b_x: Optional[Tensor], h0: Tensor, c0: Optional[Tensor],
-               w_hh: Tensor, b_hn: Optional[Tensor], w_hr: Optional[Tensor],
-               lengths: Optional[Tensor], mode: int, batch_first: bool, save: bool,
-               strategy: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def recurrence_op(x: Tensor, w_ih: Tensor, b_x: Optional[Tensor], h0: Tensor,
+                  c0: Optional[Tensor], w_hh: Tensor, b_hn: Optional[Tensor],
+                  w_hr: Optional[Tensor], lengths: Optional[Tensor], mode: int, batch_first: bool,
+                  save: bool, strategy: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The forward op (no autograd of its own: ``recurrence`` below is the differentiable
+    entry point)."""
     y, hn, cn, gates, cell = _forward_outputs(mode, x, h0, w_hh, batch_first, save)
     T, B = x.shape[0], x.shape[1]
     if B == 0:
@@ -147,7 +150,7 @@ def recurrence(x: Tensor, w_ih: Tensor, b_x: Optional[Tensor], h0: Tensor, c0: O
     return y, hn, cn, gates, cell
 
 
-@recurrence.register_fake
+@recurrence_op.register_fake
 def _(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save, strategy):
     return _forward_outputs(mode, x, h0, w_hh, batch_first, save)
 
@@ -271,67 +274,274 @@ def _(dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, lengths, mode, 
     return _backward_outputs(mode, dy, x, w_ih, h0, w_hh, w_hr, has_b_x, has_b_hn, wanted)
 
 
-def _setup_context(ctx, inputs, output):
-    (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save,
-     strategy) = inputs
-    y, _, _, gates, cell = output
-    ctx.mode = mode
-    ctx.batch_first = batch_first
-    ctx.saved_activations = save
-    # The strategy the forward ran (resolved now if the caller left it to the op): the backward
-    # runs the same one, whichever thread autograd runs it on.
-    ctx.strategy = strategy or (_plan(mode, x.shape[1], w_hh, x.device, "").strategy
-                                if x.shape[1] else "")
-    ctx.has_b_x = b_x is not None
-    ctx.has_b_hn = b_hn is not None
-    ctx.mark_non_differentiable(gates, cell)
-    ctx.save_for_backward(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, y, gates, cell)
+# ---------------------------------------------------------------------------------------------
+# vmap (torch.func): a vmapped dimension folds into the batch where the weights are shared, so a
+# batched call is one kernel launch; where the weights themselves are batched (an ensemble of
+# models through torch.func.stack_module_state) each model runs in turn.
+
+def _fold(t: Optional[Tensor], bdim: Optional[int], n: int, batch_dim: int) -> Optional[Tensor]:
+    """``t`` with its vmapped dimension ``bdim`` (None: shared) merged into its batch dimension
+    (sample-major: row ``i * B + b`` is sample ``i``'s row ``b``)."""
+    if t is None:
+        return None
+    if bdim is None:
+        t = t.unsqueeze(0).expand(n, *t.shape)
+        bdim = 0
+    t = t.movedim(bdim, 0).movedim(0, batch_dim)
+    return t.reshape(*t.shape[:batch_dim], -1, *t.shape[batch_dim + 2:])
 
 
-def _differentiable_backward(ctx, dy, dhn, dcn):
-    """create_graph=True: gradients as differentiable functions of the inputs, by autograd
-    through the plain-PyTorch reference recomputed from the saved inputs (slow, but exact)."""
-    from ..reference import recurrence_reference
-
-    x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, _, _, _ = ctx.saved_tensors
-    xg = project(x, w_ih, b_x, ctx.batch_first)
-    y, hn, cn = recurrence_reference(ctx.mode, xg, h0, c0, w_hh, b_hn, w_hr, lengths)
-    inputs = (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr)
-    wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
-    outs, grads = [y, hn], [dy, dhn]
-    if cn is not None:
-        outs.append(cn)
-        grads.append(dcn)
-    got = torch.autograd.grad(outs, [inputs[i] for i in wanted], grads, create_graph=True,
-                              allow_unused=True)
-    result = [None] * 13
-    for i, g in zip(wanted, got):
-        result[i] = g if g is not None else torch.zeros_like(inputs[i])
-    return tuple(result)
+def _unfold(t: Tensor, n: int, batch_dim: int):
+    """(tensor, out_dim): the inverse of ``_fold`` for an output; empty placeholders stay
+    unbatched."""
+    if t.dim() <= batch_dim or not t.numel() and t.dim() == 1:
+        return t, None
+    shape = t.shape
+    return t.reshape(*shape[:batch_dim], n, shape[batch_dim] // n, *shape[batch_dim + 1:]), \
+        batch_dim
 
 
-def _backward(ctx, dy, dhn, dcn, _dgates, _dcell):
-    x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, y, gates, cell = ctx.saved_tensors
-    mode = ctx.mode
-    if dy is None:
-        dy = torch.zeros_like(y)
-    if dhn is None:
-        dhn = torch.zeros_like(h0)
-    if mode == _modes.LSTM and dcn is None:
-        dcn = torch.zeros_like(c0)
-    if torch.is_grad_enabled():
-        return _differentiable_backward(ctx, dy, dhn, dcn)
-    if not ctx.saved_activations and mode in (_modes.LSTM, _modes.GRU):
-        raise RuntimeError("fastrnn: backward through a recurrence run without saved "
-                           "activations (it ran under no_grad or with inputs not requiring grad)")
-    needs = ctx.needs_input_grad
-    wanted = sum(1 << i for i in range(8) if needs[i])
-    grads = recurrence_backward(
-        dy, dhn, dcn if mode == _modes.LSTM else None, x, w_ih, y, h0, c0, gates, cell, w_hh,
-        w_hr, lengths, mode, ctx.batch_first, ctx.has_b_x, ctx.has_b_hn, wanted, ctx.strategy)
-    present = (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr)
-    out = [g if needs[i] and present[i] is not None else None for i, g in enumerate(grads)]
-    return tuple(out) + (None,) * 5
+def _per_sample(op, n: int, in_dims, args):
+    """One call per vmapped index (weights batched): outputs stacked along dim 0."""
+    outs = []
+    for i in range(n):
+        outs.append(op(*[a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)]))
+    stacked = tuple(torch.stack(list(o)) for o in zip(*outs))
+    return stacked, (0,) * len(stacked)
 
 
-torch.library.register_autograd("fastrnn::recurrence", _backward, setup_context=_setup_context)
+def _strategy_for(strategy: str, mode: int, B: int, w_hh: Tensor, device) -> str:
+    """The recorded strategy if it can run the folded batch too, else the choice for it (the
+    forward and backward rules decide alike)."""
+    if not strategy:
+        return ""
+    try:
+        _plan(mode, B, w_hh, device, strategy)
+        return strategy
+    except RuntimeError:
+        return ""
+
+
+@recurrence_op.register_vmap
+def _(info, in_dims, x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save,
+      strategy):
+    n = info.batch_size
+    args = (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save, strategy)
+    if any(in_dims[i] is not None for i in (1, 2, 5, 6, 7)):
+        return _per_sample(recurrence_op, n, in_dims, args)
+    x = _fold(x, in_dims[0], n, 1).contiguous()      # time-major [T, N*B, I]
+    h0 = _fold(h0, in_dims[3], n, 1)
+    c0 = _fold(c0, in_dims[4], n, 1)
+    lengths = _fold(lengths, in_dims[8], n, 0)
+    strategy = _strategy_for(strategy, mode, x.shape[1], w_hh, x.device)
+    y, hn, cn, gates, cell = recurrence_op(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths,
+                                           mode, False, save, strategy)
+    outs = [_unfold(t, n, 1) for t in (y, hn, cn, gates, cell)]
+    return tuple(o for o, _ in outs), tuple(d for _, d in outs)
+
+
+@torch.library.register_vmap("fastrnn::recurrence_backward")
+def _(info, in_dims, dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, lengths, mode,
+      batch_first, has_b_x, has_b_hn, wanted, strategy):
+    n = info.batch_size
+    args = (dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, lengths, mode,
+            batch_first, has_b_x, has_b_hn, wanted, strategy)
+    if any(in_dims[i] is not None for i in (4, 10, 11)):
+        return _per_sample(recurrence_backward, n, in_dims, args)
+    weights = (4, 10, 11)                           # w_ih, w_hh, w_hr: shared here
+    folded = [t if i in weights or t is None or (d is None and not t.numel())
+              else _fold(t, d, n, 0 if i == 12 else 1)
+              for i, (t, d) in enumerate(zip(args[:13], in_dims[:13]))]
+    dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, lengths = folded
+    strategy = _strategy_for(strategy, mode, dy.shape[1], w_hh, dy.device)
+    # One launch for every sample; the weight gradients are summed per sample (groups).
+    grads = backward_impl(dy.contiguous(), dhn, dcn, x, w_ih, y.contiguous(), h0, c0,
+                          gates.contiguous(), cell.contiguous(), w_hh, w_hr, lengths, mode,
+                          batch_first, has_b_x, has_b_hn, wanted, strategy, groups=n)
+    out, dims = [], []
+    for i, g in enumerate(grads):
+        if i in (0, 3, 4):                          # dx, dh0, dc0: per row of the batch
+            g, d = _unfold(g, n, 1)
+        else:                                       # weight gradients: a leading sample dim
+            d = 0 if g.numel() or g.dim() > 1 else None
+        out.append(g)
+        dims.append(d)
+    return tuple(out), tuple(dims)
+
+
+class Recurrence(torch.autograd.Function):
+    """Autograd of the recurrence op, as a torch.autograd.Function so that torch.func's
+    transforms (grad, vjp, jacrev, jacfwd, vmap of any of them) work through it: they refuse the
+    Function torch.library generates for ``register_autograd`` (it has no ``setup_context``).
+    vmap goes through to the ops' own vmap rules (``generate_vmap_rule``); torch.compile traces
+    the Function and keeps the ops opaque."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save,
+                strategy):
+        return recurrence_op(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first,
+                             save, strategy)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save,
+         strategy) = inputs
+        y, _, _, gates, cell = output
+        ctx.mode = mode
+        ctx.batch_first = batch_first
+        ctx.saved_activations = save
+        # The strategy the forward ran (resolved now if the caller left it to the op): the
+        # backward runs the same one, whichever thread autograd runs it on.
+        ctx.strategy = strategy or (_plan(mode, x.shape[1], w_hh, x.device, "").strategy
+                                    if x.shape[1] else "")
+        ctx.has_b_x = b_x is not None
+        ctx.has_b_hn = b_hn is not None
+        ctx.mark_non_differentiable(gates, cell)
+        ctx.save_for_backward(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, y, gates, cell)
+        ctx.save_for_forward(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths)
+
+    @staticmethod
+    def backward(ctx, dy, dhn, dcn, _dgates, _dcell):
+        x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, y, gates, cell = ctx.saved_tensors
+        mode = ctx.mode
+        if dy is None:
+            dy = torch.zeros_like(y)
+        if dhn is None:
+            dhn = torch.zeros_like(h0)
+        if mode == _modes.LSTM and dcn is None:
+            dcn = torch.zeros_like(c0)
+        if not ctx.saved_activations and mode in (_modes.LSTM, _modes.GRU):
+            raise RuntimeError("fastrnn: backward through a recurrence run without saved "
+                               "activations (it ran under no_grad or with inputs not requiring "
+                               "grad)")
+        needs = ctx.needs_input_grad
+        wanted = sum(1 << i for i in range(8) if needs[i])
+        grads = RecurrenceBackward.apply(
+            dy, dhn, dcn if mode == _modes.LSTM else None, x, w_ih, b_x, y, h0, c0, gates, cell,
+            w_hh, b_hn, w_hr, lengths, mode, ctx.batch_first, wanted, ctx.strategy)
+        present = (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr)
+        out = [g if needs[i] and present[i] is not None else None for i, g in enumerate(grads)]
+        return tuple(out) + (None,) * 5
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        """Forward-mode AD (jvp, jacfwd): fastrnn's kernels have no forward-mode pass, so the
+        tangents come from the plain-PyTorch reference (slow, exact). torch.nn has none at all
+        on the CPU or cuDNN."""
+        from ..reference import recurrence_reference
+
+        primals = ctx.saved_tensors
+        x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths = primals
+        mode, batch_first = ctx.mode, ctx.batch_first
+        present = [i for i in range(8) if primals[i] is not None]
+
+        def f(*args):
+            full = list(primals[:8])
+            for i, a in zip(present, args):
+                full[i] = a
+            xg = project(full[0], full[1], full[2], batch_first)
+            y, hn, cn = recurrence_reference(mode, xg, full[3], full[4], full[5], full[6],
+                                             full[7], lengths)
+            return (y, hn) if cn is None else (y, hn, cn)
+
+        tangent_in = [tangents[i] if tangents[i] is not None else torch.zeros_like(primals[i])
+                      for i in present]
+        _, out = torch.func.jvp(f, tuple(primals[i] for i in present), tuple(tangent_in))
+        dy, dhn = out[0], out[1]
+        if mode == _modes.LSTM:
+            dcn = out[2]
+        else:  # the forward's c_n is empty, [0, B, H]
+            dcn = dhn.new_zeros(0, dhn.shape[1], w_hh.shape[1] // _modes.NUM_GATES[mode])
+        return dy, dhn, dcn, None, None
+
+
+def recurrence(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode: int, batch_first: bool,
+               save: bool, strategy: str):
+    """The differentiable recurrence of one layer (all its directions); see the module docstring.
+    Returns ``(y, h_n, c_n, gates, cell)``.
+
+    Eagerly (and under torch.func) this is the ``Recurrence`` Function. torch.compile cannot trace
+    a Function with a custom jvp, so there the op runs with the same autograd registered on it
+    (``register_autograd``), which torch.compile keeps opaque."""
+    args = (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save, strategy)
+    if torch.compiler.is_compiling():
+        return recurrence_op(*args)
+    return Recurrence.apply(*args)
+
+
+torch.library.register_autograd("fastrnn::recurrence", Recurrence.backward,
+                                setup_context=Recurrence.setup_context)
+
+
+class RecurrenceBackward(torch.autograd.Function):
+    """The backward of a recurrence as a differentiable function. Its forward is the backward
+    op (kernels and GEMMs), so every first-order gradient runs on fastrnn's kernels, under
+    torch.func's transforms too (which always record a differentiable backward). Its own
+    backward, reached only for derivatives of gradients (gradient penalties, Hessian-vector
+    products, grad of grad), differentiates the plain-PyTorch reference recomputed from the saved
+    inputs: slow, but exact. The saved activations (y, gates, cell) get no gradient: the
+    recomputation accounts for their dependence on the inputs."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(dy, dhn, dcn, x, w_ih, b_x, y, h0, c0, gates, cell, w_hh, b_hn, w_hr, lengths,
+                mode, batch_first, wanted, strategy):
+        return recurrence_backward(dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr,
+                                   lengths, mode, batch_first, b_x is not None,
+                                   b_hn is not None, wanted, strategy)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (dy, dhn, dcn, x, w_ih, b_x, _, h0, c0, _, _, w_hh, b_hn, w_hr, lengths, mode,
+         batch_first, wanted, _) = inputs
+        ctx.mode, ctx.batch_first, ctx.wanted = mode, batch_first, wanted
+        ctx.save_for_backward(dy, dhn, dcn, x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths)
+
+    @staticmethod
+    def backward(ctx, *grad_grads):
+        from ..reference import recurrence_reference
+
+        saved = ctx.saved_tensors
+        wrt, lengths = list(saved[:11]), saved[11]   # dy, dhn, dcn, then the op's 8 inputs
+        mode, batch_first, wanted = ctx.mode, ctx.batch_first, ctx.wanted
+        present = [i for i, t in enumerate(wrt) if t is not None]
+        # The first-order gradients this Function returned (GRAD_* bits of present inputs).
+        firsts = [j for j in range(8) if wrt[3 + j] is not None and wanted >> j & 1]
+
+        def first_order(*args):
+            """The gradients of the recurrence's inputs, as a function of (dy, dhn, dcn, inputs):
+            autograd of the plain-PyTorch reference. torch.func.vjp keeps every argument
+            independent, so derivatives are partial, as a backward must return them."""
+            full = [None] * 11
+            for i, a in zip(present, args):
+                full[i] = a
+            ins = full[3:]
+            live = [j for j in range(8) if ins[j] is not None]
+
+            def reference(*ps):
+                xs = list(ins)
+                for j, p in zip(live, ps):
+                    xs[j] = p
+                xg = project(xs[0], xs[1], xs[2], batch_first)
+                y, hn, cn = recurrence_reference(mode, xg, xs[3], xs[4], xs[5], xs[6], xs[7],
+                                                 lengths)
+                return (y, hn) if cn is None else (y, hn, cn)
+
+            _, pull = torch.func.vjp(reference, *[ins[j] for j in live])
+            ups = (full[0], full[1]) if mode != _modes.LSTM else (full[0], full[1], full[2])
+            got = dict(zip(live, pull(ups)))
+            return tuple(got[j] for j in firsts)
+
+        _, pull = torch.func.vjp(first_order, *[wrt[i] for i in present])
+        cotangents = tuple(grad_grads[j] if grad_grads[j] is not None and grad_grads[j].numel()
+                           else torch.zeros_like(wrt[3 + j]) for j in firsts)
+        d = [None] * 11
+        for i, g in zip(present, pull(cotangents)):
+            d[i] = g
+        # Inputs: dy, dhn, dcn, x, w_ih, b_x, y, h0, c0, gates, cell, w_hh, b_hn, w_hr, lengths,
+        # then four non-tensors.
+        return (d[0], d[1], d[2], d[3], d[4], d[5], None, d[6], d[7], None, None, d[8], d[9],
+                d[10], None, None, None, None, None)
