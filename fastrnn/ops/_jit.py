@@ -27,6 +27,10 @@ if interpreting():
         # libdevice is not available in the interpreter; exact in real arithmetic.
         return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
+    @triton.jit
+    def _tanh_approx(x):
+        return tanh(x)  # no inline PTX in the interpreter (kernels never ask for it there)
+
 else:
     from triton.language.extra import libdevice
 
@@ -34,10 +38,35 @@ else:
     def tanh(x):
         return libdevice.tanh(x)
 
+    @triton.jit
+    def _tanh_approx(x):
+        # The SFU's tanh (sm_75+): one instruction, maximum relative error about 2^-11 (PTX ISA).
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+
 
 @triton.jit
 def sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def act_tanh(x, FAST: tl.constexpr):
+    """tanh; the hardware approximation where the layer's precision cannot see its error."""
+    if FAST:
+        y = _tanh_approx(x)
+    else:
+        y = tanh(x)
+    return y
+
+
+@triton.jit
+def act_sigmoid(x, FAST: tl.constexpr):
+    if FAST:
+        y = 0.5 * _tanh_approx(0.5 * x) + 0.5
+    else:
+        y = sigmoid(x)
+    return y
 
 
 @triton.jit
@@ -47,20 +76,20 @@ def relu(x):
 
 
 @triton.jit
-def lstm_fwd_pointwise(ai, af, ag, ao, c):
+def lstm_fwd_pointwise(ai, af, ag, ao, c, FAST: tl.constexpr):
     """Gate pre-activations and the previous cell state -> (i, f, g, o, c', o*tanh(c'))."""
-    i = sigmoid(ai)
-    f = sigmoid(af)
-    g = tanh(ag)
-    o = sigmoid(ao)
+    i = act_sigmoid(ai, FAST)
+    f = act_sigmoid(af, FAST)
+    g = act_tanh(ag, FAST)
+    o = act_sigmoid(ao, FAST)
     c_new = f * c + i * g
-    return i, f, g, o, c_new, o * tanh(c_new)
+    return i, f, g, o, c_new, o * act_tanh(c_new, FAST)
 
 
 @triton.jit
-def lstm_bwd_pointwise(dr, dc, i, f, g, o, c_new, c_prev):
+def lstm_bwd_pointwise(dr, dc, i, f, g, o, c_new, c_prev, FAST: tl.constexpr):
     """d(o*tanh(c')) and dc' -> gradients of the four gate pre-activations and of c."""
-    tc = tanh(c_new)
+    tc = act_tanh(c_new, FAST)
     dc = dc + dr * o * (1.0 - tc * tc)
     di = dc * g * i * (1.0 - i)
     df = dc * c_prev * f * (1.0 - f)
@@ -70,11 +99,11 @@ def lstm_bwd_pointwise(dr, dc, i, f, g, o, c_new, c_prev):
 
 
 @triton.jit
-def gru_fwd_pointwise(ar, az, xn, hn, h):
+def gru_fwd_pointwise(ar, az, xn, hn, h, FAST: tl.constexpr):
     """``hn`` is W_hn h + b_hn. Returns (r, z, n, h')."""
-    r = sigmoid(ar)
-    z = sigmoid(az)
-    n = tanh(xn + r * hn)
+    r = act_sigmoid(ar, FAST)
+    z = act_sigmoid(az, FAST)
+    n = act_tanh(xn + r * hn, FAST)
     return r, z, n, n + z * (h - n)
 
 
@@ -88,9 +117,9 @@ def gru_bwd_pointwise(dh, r, z, n, hn, h_prev):
 
 
 @triton.jit
-def rnn_act(a, CELL: tl.constexpr):
+def rnn_act(a, CELL: tl.constexpr, FAST: tl.constexpr):
     if CELL == RNN_TANH:
-        h = tanh(a)
+        h = act_tanh(a, FAST)
     else:
         h = relu(a)
     return h
@@ -159,6 +188,17 @@ def store_gates(p, a, b, c, d, m, H, N: tl.constexpr):
 
 
 @triton.jit
+def save_gates(p, a, b, c, d, m, H):
+    """Store a step's four saved activations (read again only by the backward): first out of the
+    L2 cache, which the weights and the exchanged state need more."""
+    ty = p.dtype.element_ty
+    tl.store(p, a.to(ty), mask=m, eviction_policy="evict_first")
+    tl.store(p + H, b.to(ty), mask=m, eviction_policy="evict_first")
+    tl.store(p + 2 * H, c.to(ty), mask=m, eviction_policy="evict_first")
+    tl.store(p + 3 * H, d.to(ty), mask=m, eviction_policy="evict_first")
+
+
+@triton.jit
 def load_gates(p, m, H, ACC: tl.constexpr):
     """The four saved per-unit activations of a step (LSTM i, f, g, o; GRU r, z, n, W_hn h+b)."""
     a = tl.load(p, mask=m, other=0.0).to(ACC)
@@ -185,8 +225,26 @@ def recurrent_products(b_h, w0, w1, w2, w3, G: tl.constexpr, ACC: tl.constexpr,
 
 
 @triton.jit
+def split_gates(acc, GP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The gates of a stacked product: ``acc`` is [GP * BLOCK_H, BLOCK_N], row r gate
+    r // BLOCK_H; returns GP tiles [BLOCK_H, BLOCK_N] (unused ones alias the first)."""
+    if GP == 4:
+        # [a, b, unit, n] with gate 2a + b, to [unit, n, a, b]; each split halves the last dim.
+        t = tl.permute(tl.reshape(acc, (2, 2, BLOCK_H, BLOCK_N)), (2, 3, 0, 1))
+        even, odd = tl.split(t)
+        q0, q2 = tl.split(even)
+        q1, q3 = tl.split(odd)
+    else:
+        q0 = acc
+        q1 = acc
+        q2 = acc
+        q3 = acc
+    return q0, q1, q2, q3
+
+
+@triton.jit
 def cell_forward(x0, x1, x2, x3, q0, q1, q2, q3, h, c, b_hn, CELL: tl.constexpr,
-                 HAS_BHN: tl.constexpr, ACC: tl.constexpr):
+                 HAS_BHN: tl.constexpr, ACC: tl.constexpr, FAST: tl.constexpr):
     """One step of a cell for a tile of hidden units.
 
     ``x0..x3`` are the gates' input projections (``load_gate_tiles`` of the step's xg, in the
@@ -198,15 +256,15 @@ def cell_forward(x0, x1, x2, x3, q0, q1, q2, q3, h, c, b_hn, CELL: tl.constexpr,
     a0 = x0.to(ACC) + q0
     if CELL == LSTM:
         s0, s1, s2, s3, c_new, h_new = lstm_fwd_pointwise(a0, x1.to(ACC) + q1, x2.to(ACC) + q2,
-                                                          x3.to(ACC) + q3, c)
+                                                          x3.to(ACC) + q3, c, FAST)
     elif CELL == GRU:
         s3 = q2
         if HAS_BHN:
             s3 = s3 + b_hn
-        s0, s1, s2, h_new = gru_fwd_pointwise(a0, x1.to(ACC) + q1, x2.to(ACC), s3, h)
+        s0, s1, s2, h_new = gru_fwd_pointwise(a0, x1.to(ACC) + q1, x2.to(ACC), s3, h, FAST)
         c_new = c
     else:
-        h_new = rnn_act(a0, CELL)
+        h_new = rnn_act(a0, CELL, FAST)
         c_new = c
         s0 = h_new
         s1 = h_new
@@ -216,9 +274,11 @@ def cell_forward(x0, x1, x2, x3, q0, q1, q2, q3, h, c, b_hn, CELL: tl.constexpr,
 
 
 @triton.jit
-def cell_backward(dh, dc, s0, s1, s2, s3, c_new, c_prev, h_prev, h_new, act, CELL: tl.constexpr):
+def cell_backward(dh, dc, s0, s1, s2, s3, c_new, c_prev, h_prev, h_new, act, CELL: tl.constexpr,
+                  FAST: tl.constexpr):
     """Backward of ``cell_forward`` for a tile of hidden units; mirrors it.
 
+    ``FAST`` as in the forward (LSTM's tanh(c') is recomputed with the same function).
     ``dh`` is the gradient of the cell's output h' (for an LSTM with a projection, of o*tanh(c'),
     already taken through W_hr), ``dc`` of the cell state c' (LSTM). ``s0..s3`` are the saved
     activations (LSTM i, f, g, o; GRU r, z, n, W_hn h + b_hn), ``c_new`` / ``c_prev`` the cell
@@ -235,7 +295,7 @@ def cell_backward(dh, dc, s0, s1, s2, s3, c_new, c_prev, h_prev, h_new, act, CEL
     zero = dh * 0.0
     dc_prev = dc
     if CELL == LSTM:
-        g0, g1, g2, g3, dc_prev = lstm_bwd_pointwise(dh, dc, s0, s1, s2, s3, c_new, c_prev)
+        g0, g1, g2, g3, dc_prev = lstm_bwd_pointwise(dh, dc, s0, s1, s2, s3, c_new, c_prev, FAST)
         gh2 = g2
         keep = zero
     elif CELL == GRU:

@@ -1,290 +1,412 @@
-"""Strategy "cooperative": a persistent grid that shares one recurrence (Persistent-RNN design).
+"""Strategy "cooperative": a persistent grid that shares each recurrence (Persistent-RNN design).
 
-Programs are grouped per (batch tile, direction); the programs of a group each own a slice of
-hidden units (all gates of those units, so only h crosses programs), keep their slice of W_hh on
-chip for the whole sequence, and loop over time together with one grid barrier per step: each
-program writes its slice of h_t to a double-buffered global buffer, signals an atomic counter
-(release), waits for every program of its group (acquire), and reads the whole h_t back for the
-next step's product. Groups never wait on each other, so directions and batch tiles run
-concurrently. The whole grid must be resident at once: it is sized to at most one program per
-SM, and launched as a cooperative grid where Triton supports it, so an oversubscribed launch
-fails loudly instead of hanging.
+One launch per layer for the forward and one for the backward, both directions in the same launch
+(separate program groups). A group (one direction, one tile of the batch) has NJ programs, at most
+one per SM across the grid; program j owns ``BLOCK_H`` hidden units:
 
-Backward mirrors it: each program owns the same hidden slice, holds the matching columns of
-W_hh, and exchanges the gate gradients dG_t through a double-buffered buffer, one barrier per step.
+* forward: it keeps those units' rows of W_hh, every gate stacked into one [GP*BLOCK_H, H] tile,
+  resident in shared memory for the whole sequence (loaded once; the compiler hoists it out of
+  the time loop), and per step computes ``W_j @ h_{t-1}^T``: the weights are the dot's M
+  dimension and the batch its N dimension, walked in chunks of BLOCK_N rows. GRU's three gates
+  are padded to four (GP) so the tile's rows are a power of two.
+* backward: it keeps those units' columns of W_hh, one [BLOCK_H, H] tile per gate, and per step
+  forms its units' ``dh_{t-1} = sum_k dG_k W_k[:, units]`` from every program's gate gradients.
 
-Not for proj_size (h and the cell state live in different spaces, which would need a second
-barrier per step). In the Triton interpreter programs run one after another, so this strategy
-runs there only with one program per group (the barrier is then passed at once); that still
-executes the exact kernel code, barrier included, which is how the CPU tests check its maths.
+Each step the programs exchange the new state (forward: h; backward: the gate gradients) through
+double-buffered global buffers (L2), then meet at a grid barrier made of one flag per program:
+a program publishes its step with a release store to its own flag and waits until every flag of
+its group shows the step (acquire), so no address is contended. The next step's input projections
+(of the first batch chunk) are loaded between publishing and waiting; the cell state and the carried gradients of a program's own units live
+in small global buffers that only that program touches. A wait is bounded: past the bound the
+program stops waiting, flags the error, and fastrnn raises at its next cooperative call (the grid
+must be co-resident, which the cooperative launch guarantees where Triton supports it; other work
+holding SMs could otherwise break it).
+
+The Triton interpreter runs programs one after another, so a grid barrier cannot be passed there;
+the kernels take a range of steps, and under the interpreter the launcher runs them one step per
+launch with the barrier left out (the kernel boundary orders the steps). That executes the very
+per-step code, with several programs per group, on the CPU. A group of one program needs no
+barrier and runs the whole sequence in one launch there too.
+
+Not for proj_size (h and the cell state live in different spaces: a second barrier per step).
 """
-
-import itertools
 
 import torch
 import triton
 import triton.language as tl
 
-from ._jit import (GRU, LSTM, cell_backward, cell_forward, load_gate_tiles, load_gates, next_time,
-                   positive, prev_time, recurrent_products, step_time, store_gates)
-from .args import BackwardArgs, ForwardArgs
+from ..backend import interpreting
+from ._jit import (LSTM, GRU, cell_backward, cell_forward, load_gate_tiles, load_gates, next_time,
+                   positive, prev_time, save_gates, split_gates, step_time, store_gates)
+from .args import BackwardArgs, ForwardArgs, acc_dtype
 from .select import (DeviceSpec, DoesNotFit, KernelConfig, Plan, Problem, block,
-                     launch_kernel, operand_copies)
+                     fast_activations, launch_kernel, operand_copies)
 
-_LENGTHS = {"HAS_LENGTHS": lambda a: a["len_ptr"] is not None}
+FLAG_STRIDE = tl.constexpr(8)  # ints between two programs' flags: one 32-byte sector each
+SPIN = tl.constexpr(1 << 26)   # polls before a wait gives up (seconds of spinning)
+
+_LENGTHS = {"HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
+            "FAST": lambda a: fast_activations(a["w_hh_ptr"].dtype)}
 _OPTIONAL = {**_LENGTHS, "HAS_BHN": lambda a: a["b_hn_ptr"] is not None}
 
 
 @triton.jit
-def _arrive(sync_ptr):
-    """Count this program in at the group's barrier; its stores before it become visible."""
+def _publish(flag_ptr, value):
+    """This program has finished step ``value - 1``: its stores before it become visible."""
     tl.debug_barrier()  # every thread of the program has issued its stores
-    tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
+    tl.atomic_xchg(flag_ptr, value, sem="release", scope="gpu")
 
 
 @triton.jit
-def _wait(sync_ptr, target):
-    """Wait until the group's counter reaches ``target``; what others stored before arriving
-    is visible after it."""
-    while tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu") < target:
-        pass
+def _await(flags_ptr, NJ, target, err_ptr, budget, BLOCK_J: tl.constexpr,
+           STRIDE: tl.constexpr):
+    """Wait until every flag of the group (NJ of them, STRIDE apart) reaches ``target``,
+    polling at most ``budget`` times; what the others stored before publishing is visible after.
+    Returns the budget left (0 after a timeout, which is flagged in ``err_ptr``)."""
+    o_j = tl.arange(0, BLOCK_J)
+    m_j = o_j < NJ
+    p = flags_ptr + o_j * STRIDE
+    seen = tl.min(tl.where(m_j, tl.atomic_add(p, 0, mask=m_j, sem="acquire", scope="gpu"),
+                           target), axis=0)
+    while (seen < target) & (budget > 0):
+        budget -= 1
+        seen = tl.min(tl.where(m_j, tl.atomic_add(p, 0, mask=m_j, sem="acquire", scope="gpu"),
+                               target), axis=0)
+    if seen < target:
+        tl.atomic_max(err_ptr, 1)
+        budget = budget * 0
     tl.debug_barrier()
-
-
-@triton.jit
-def _grid_barrier(sync_ptr, target):
-    _arrive(sync_ptr)
-    _wait(sync_ptr, target)
+    return budget
 
 
 @triton.heuristics(_OPTIONAL)
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["s_begin", "s_end", "T"])
 def _recurrence_fwd_coop_kernel(
-    xg_ptr, stride_xt, stride_xb,      # [T, B, D*G*H]
-    h0_ptr, c0_ptr,                    # [D, B, H] (P == H here)
+    xg_ptr, stride_xt, stride_xb,      # [T, B, D*G*H] input projections
     w_hh_ptr, b_hn_ptr, len_ptr,       # [D, G*H, H], [D, H], [B]
     y_ptr, stride_yt, stride_yb,       # [T, B, D*H]
-    hn_ptr, cn_ptr, gates_ptr, cell_ptr,
-    hbuf_ptr,                          # [2, D, B, H] the shared state, double-buffered
-    sync_ptr,                          # [D * NBT] int32 barrier counters, zeroed
-    T, B, H,
-    CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr, SAVE: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_BHN: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    gates_ptr, cell_ptr,               # saved for backward: [T, B, D, NSAVE*H], [T, B, D, H]
+    hbuf_ptr,                          # [2, D, B, H] the state, double-buffered (slot 0: h0)
+    cbuf_ptr,                          # [D, B, H] the cell state (LSTM, accumulation dtype)
+    flags_ptr, err_ptr,                # [D * NBT, NJ * 8] int32 zeroed; [1] int32
+    s_begin, s_end, T, B, H, BT,       # steps to run; batch rows per group
+    CELL: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, NSAVE: tl.constexpr,
+    SAVE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+    SYNC: tl.constexpr,
+    HAS_BHN: tl.constexpr, HAS_LENGTHS: tl.constexpr, FAST: tl.constexpr,
 ):
     i_j = tl.program_id(0)             # hidden slice owned by this program
-    i_b = tl.program_id(1)
-    i_d = tl.program_id(2)
+    i_bt = tl.program_id(1)            # batch tile of the group
+    i_d = tl.program_id(2)             # direction
     NJ = tl.num_programs(0)
     NBT = tl.num_programs(1)
     D = tl.num_programs(2)
-    p_sync = sync_ptr + i_d * NBT + i_b
-    o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    o_h = i_j * BLOCK_H + tl.arange(0, BLOCK_H)   # own units
-    o_k = tl.arange(0, BLOCK_K)                   # all units (the product's inner dimension)
-    m_b = o_b < B
-    m_h = o_h < H
-    m_k = o_k < H
-    m_bh = m_b[:, None] & m_h[None, :]
-    m_bk = m_b[:, None] & m_k[None, :]
-    ob64 = o_b.to(tl.int64)
+    M: tl.constexpr = GP * BLOCK_H
     W_DTYPE = w_hh_ptr.dtype.element_ty
     Y_DTYPE = y_ptr.dtype.element_ty
-
-    # This program's slice of W_hh[d]: for each gate, the rows of its own units, as [K, own].
-    p_w = w_hh_ptr + i_d * (G * H * H) + o_h[None, :] * H + o_k[:, None]
-    b_w0, b_w1, b_w2, b_w3 = load_gate_tiles(p_w, m_k[:, None] & m_h[None, :], H * H, G)
+    H_DTYPE = hbuf_ptr.dtype.element_ty
+    o_u = i_j * BLOCK_H + tl.arange(0, BLOCK_H)   # own units
+    m_u = o_u < H
+    o_k = tl.arange(0, BLOCK_K)                   # every unit: the product's inner dimension
+    m_k = o_k < H
+    # This program's rows of W_hh[d], all gates stacked: row r is gate r // BLOCK_H of unit
+    # i_j * BLOCK_H + r % BLOCK_H (rows of the padding gate and of units past H are zero).
+    o_m = tl.arange(0, M)
+    r_gate = o_m // BLOCK_H
+    r_unit = i_j * BLOCK_H + o_m % BLOCK_H
+    m_r = (r_gate < G) & (r_unit < H)
+    w = tl.load(w_hh_ptr + i_d * (G * H * H) + (r_gate * H + r_unit)[:, None] * H + o_k[None, :],
+                mask=m_r[:, None] & m_k[None, :], other=0.0)
     b_bhn = 0.0
     if HAS_BHN:
-        b_bhn = tl.load(b_hn_ptr + i_d * H + o_h, mask=m_h, other=0.0).to(ACC)[None, :]
+        b_bhn = tl.load(b_hn_ptr + i_d * H + o_u, mask=m_u, other=0.0).to(ACC)[:, None]
+    p_flags = flags_ptr + (i_d * NBT + i_bt) * (NJ * FLAG_STRIDE)
+    b_lo = i_bt * BT
+    b_hi = tl.minimum(B, b_lo + BT)
+    budget = SPIN
+    # The input projections of the first batch chunk, one step ahead: the next step's are loaded
+    # between publishing and waiting, so the load overlaps the barrier.
+    o_n = b_lo + tl.arange(0, BLOCK_N)
+    p_x = xg_ptr + step_time(s_begin, i_d, T).to(tl.int64) * stride_xt \
+        + o_n.to(tl.int64)[None, :] * stride_xb + i_d * (G * H) + o_u[:, None]
+    n0, n1, n2, n3 = load_gate_tiles(p_x, m_u[:, None] & (o_n < b_hi)[None, :], H, G)
 
-    p_state = (i_d * B + ob64)[:, None]
-    h_own = tl.load(h0_ptr + p_state * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
-    c = h_own  # only an LSTM has a cell state
-    if CELL == LSTM:
-        c = tl.load(c0_ptr + p_state * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
-    if HAS_LENGTHS:
-        b_len = tl.load(len_ptr + o_b, mask=m_b, other=0)
-    # The whole state, read by every program: h0 for the first step.
-    b_h = tl.load(h0_ptr + p_state * H + o_k[None, :], mask=m_bk, other=0.0).to(W_DTYPE)
-    p_x = xg_ptr + ob64[:, None] * stride_xb + i_d * (G * H) + o_h[None, :]
-    x0, x1, x2, x3 = load_gate_tiles(p_x + step_time(0, i_d, T).to(tl.int64) * stride_xt, m_bh, H,
-                                     G)
-
-    for s in range(0, T):
+    for s in range(s_begin, s_end):
         t = step_time(s, i_d, T)
         t64 = t.to(tl.int64)
-        p_row = (t64 * B + ob64)[:, None] * D + i_d
-        q0, q1, q2, q3 = recurrent_products(b_h, b_w0, b_w1, b_w2, b_w3, G, ACC, PRECISION)
-        h_new, c_new, s0, s1, s2, s3 = cell_forward(x0, x1, x2, x3, q0, q1, q2, q3, h_own, c,
-                                                    b_bhn, CELL, HAS_BHN, ACC)
-        if SAVE and NSAVE > 0:
-            store_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], s0, s1, s2, s3, m_bh, H,
-                        4)
-        if CELL == LSTM:
-            if HAS_LENGTHS:
-                c = tl.where((t < b_len)[:, None], c_new, c)
+        slot = s % 2
+        for c in range(b_lo, b_hi, BLOCK_N):
+            o_n = c + tl.arange(0, BLOCK_N)
+            m_n = o_n < b_hi
+            on64 = o_n.to(tl.int64)
+            m_un = m_u[:, None] & m_n[None, :]
+            rows = ((slot * D + i_d) * B + on64)[None, :] * H        # this chunk's state rows
+            # Every unit's previous state for the chunk, [K, N]: the dot's N is the batch.
+            h_all = tl.load(hbuf_ptr + rows + o_k[:, None], mask=m_k[:, None] & m_n[None, :],
+                            other=0.0, cache_modifier=".cg").to(W_DTYPE)
+            acc = tl.dot(w, h_all, input_precision=PRECISION).to(ACC)
+            q0, q1, q2, q3 = split_gates(acc, GP, BLOCK_H, BLOCK_N)
+            h_prev = tl.load(hbuf_ptr + rows + o_u[:, None], mask=m_un, other=0.0,
+                             cache_modifier=".cg").to(ACC)
+            state = (i_d * B + on64)[None, :] * H + o_u[:, None]   # own units' rows
+            c_prev = h_prev
+            if CELL == LSTM:
+                c_prev = tl.load(cbuf_ptr + state, mask=m_un, other=0.0).to(ACC)
+            if c == b_lo:
+                x0, x1, x2, x3 = n0, n1, n2, n3
             else:
-                c = c_new
-            if SAVE:
-                tl.store(cell_ptr + p_row * H + o_h[None, :], c.to(cell_ptr.dtype.element_ty),
-                         mask=m_bh)
-        h_new = h_new.to(Y_DTYPE).to(ACC)
-        if HAS_LENGTHS:
-            h_own = tl.where((t < b_len)[:, None], h_new, h_own)
-        else:
-            h_own = h_new
-        h_own = tl.where(m_bh, h_own, 0.0)
-        tl.store(y_ptr + t64 * stride_yt + ob64[:, None] * stride_yb + i_d * H + o_h[None, :],
-                 h_own.to(Y_DTYPE), mask=m_bh)
-        # Publish this slice of h_t, wait for the group, read the whole h_t back. The next
-        # step's input projections are loaded while the program waits.
-        p_buf = hbuf_ptr + (((s + 1) % 2) * D + i_d) * B * H + ob64[:, None] * H
-        tl.store(p_buf + o_h[None, :], h_own.to(hbuf_ptr.dtype.element_ty), mask=m_bh)
-        _arrive(p_sync)
-        x0, x1, x2, x3 = load_gate_tiles(p_x + next_time(s, i_d, T) * stride_xt, m_bh, H, G)
-        _wait(p_sync, (s + 1) * NJ)
-        b_h = tl.load(p_buf + o_k[None, :], mask=m_bk, other=0.0,
-                      cache_modifier=".cg").to(W_DTYPE)
-
-    tl.store(hn_ptr + p_state * H + o_h[None, :], h_own.to(hn_ptr.dtype.element_ty), mask=m_bh)
-    if CELL == LSTM:
-        tl.store(cn_ptr + p_state * H + o_h[None, :], c.to(cn_ptr.dtype.element_ty), mask=m_bh)
+                p_x = xg_ptr + t64 * stride_xt + on64[None, :] * stride_xb + i_d * (G * H) \
+                    + o_u[:, None]
+                x0, x1, x2, x3 = load_gate_tiles(p_x, m_un, H, G)
+            h_new, c_new, s0, s1, s2, s3 = cell_forward(x0, x1, x2, x3, q0, q1, q2, q3, h_prev,
+                                                        c_prev, b_bhn, CELL, HAS_BHN, ACC, FAST)
+            if HAS_LENGTHS:
+                act = (t < tl.load(len_ptr + o_n, mask=m_n, other=0))[None, :]
+            else:
+                act = m_n[None, :]
+            # The state is stored, and carried, at the precision of the layer's dtype.
+            h_new = tl.where(act, h_new.to(Y_DTYPE).to(ACC), h_prev)
+            p_row = (t64 * B + on64)[None, :] * D + i_d  # row of the saved-activation tensors
+            if SAVE and NSAVE > 0:
+                save_gates(gates_ptr + p_row * (NSAVE * H) + o_u[:, None], s0, s1, s2, s3, m_un, H)
+            if CELL == LSTM:
+                c_new = tl.where(act, c_new, c_prev)
+                tl.store(cbuf_ptr + state, c_new.to(cbuf_ptr.dtype.element_ty), mask=m_un)
+                if SAVE:
+                    tl.store(cell_ptr + p_row * H + o_u[:, None],
+                             c_new.to(cell_ptr.dtype.element_ty), mask=m_un,
+                             eviction_policy="evict_first")
+            tl.store(y_ptr + t64 * stride_yt + on64[None, :] * stride_yb + i_d * H
+                     + o_u[:, None], h_new.to(Y_DTYPE), mask=m_un, eviction_policy="evict_first")
+            next_rows = (((1 - slot) * D + i_d) * B + on64)[None, :] * H
+            tl.store(hbuf_ptr + next_rows + o_u[:, None], h_new.to(H_DTYPE), mask=m_un)
+        if SYNC and s + 1 < s_end:  # between steps only
+            _publish(p_flags + i_j * FLAG_STRIDE, s + 1)
+        o_n = b_lo + tl.arange(0, BLOCK_N)
+        p_x = xg_ptr + next_time(s, i_d, T) * stride_xt + o_n.to(tl.int64)[None, :] * stride_xb \
+            + i_d * (G * H) + o_u[:, None]
+        n0, n1, n2, n3 = load_gate_tiles(p_x, m_u[:, None] & (o_n < b_hi)[None, :], H, G)
+        if SYNC and s + 1 < s_end:
+            budget = _await(p_flags, NJ, s + 1, err_ptr, budget, BLOCK_J, FLAG_STRIDE)
 
 
 @triton.heuristics(_LENGTHS)
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["k_begin", "k_end", "T"])
 def _recurrence_bwd_coop_kernel(
-    dy_ptr, stride_dyt, stride_dyb,
-    dhn_ptr, dcn_ptr,
-    y_ptr, stride_yt, stride_yb,
-    h0_ptr, c0_ptr, gates_ptr, cell_ptr,
+    dy_ptr, stride_dyt, stride_dyb,    # [T, B, D*H] gradient of the outputs
+    y_ptr, stride_yt, stride_yb,       # [T, B, D*H] forward states
+    h0_ptr, c0_ptr,                    # [D, B, H]
+    gates_ptr, cell_ptr,               # saved activations
     w_hh_ptr, len_ptr,
-    dgx_ptr, dgh_ptr, dh0_ptr, dc0_ptr,
-    gbuf_ptr,                          # [2, D, B, G*H] the shared gate gradients, double-buffered
-    sync_ptr,
-    T, B, H,
+    dgx_ptr, dgh_ptr,                  # [T, B, D, G*H]
+    dh0_ptr, dc0_ptr,                  # [D, B, H]
+    gbuf_ptr,                          # [2, D, B, G*H] the gate gradients W_hh multiplies
+    dhbuf_ptr, dcbuf_ptr,              # [D, B, H] carried dh (what bypasses W_hh), dc: ACC
+    flags_ptr, err_ptr,
+    k_begin, k_end, T, B, H, BT,
     CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+    SYNC: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, FAST: tl.constexpr,
 ):
+    """Backward step k undoes forward step s = T-1-k. Each step first completes dh of the state
+    it produced, ``dh_t = dy_t + keep_t + sum_g dG_{t+1,g} W_g[:, own]`` (the previous step's gate
+    gradients of every program, read after the barrier), then its own units' gate gradients.
+    k_end == T finishes with dh0 (and dc0)."""
     i_j = tl.program_id(0)
-    i_b = tl.program_id(1)
+    i_bt = tl.program_id(1)
     i_d = tl.program_id(2)
     NJ = tl.num_programs(0)
     NBT = tl.num_programs(1)
     D = tl.num_programs(2)
-    p_sync = sync_ptr + i_d * NBT + i_b
-    o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    o_h = i_j * BLOCK_H + tl.arange(0, BLOCK_H)
-    o_k = tl.arange(0, BLOCK_K)
-    m_b = o_b < B
-    m_h = o_h < H
-    m_k = o_k < H
-    m_bh = m_b[:, None] & m_h[None, :]
-    m_bk = m_b[:, None] & m_k[None, :]
-    ob64 = o_b.to(tl.int64)
+    GH = G * H
     W_DTYPE = w_hh_ptr.dtype.element_ty
     G_DTYPE = dgx_ptr.dtype.element_ty
+    o_u = i_j * BLOCK_H + tl.arange(0, BLOCK_H)
+    m_u = o_u < H
+    o_k = tl.arange(0, BLOCK_K)
+    m_k = o_k < H
+    # The columns of W_hh[d] of the own units, one [own, K] tile per gate.
+    p_w = w_hh_ptr + i_d * (GH * H) + o_k[None, :] * H + o_u[:, None]
+    b_w0, b_w1, b_w2, b_w3 = load_gate_tiles(p_w, m_u[:, None] & m_k[None, :], H * H, G)
+    p_flags = flags_ptr + (i_d * NBT + i_bt) * (NJ * FLAG_STRIDE)
+    b_lo = i_bt * BT
+    b_hi = tl.minimum(B, b_lo + BT)
+    budget = SPIN
 
-    # The columns of W_hh[d] for the own units, per gate as [K, own]: dh[:, own] = dG @ W[:, own].
-    p_w = w_hh_ptr + i_d * (G * H * H) + o_k[:, None] * H + o_h[None, :]
-    b_w0, b_w1, b_w2, b_w3 = load_gate_tiles(p_w, m_k[:, None] & m_h[None, :], H * H, G)
-
-    p_state = (i_d * B + ob64)[:, None]
-    dh_c = tl.load(dhn_ptr + p_state * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
-    dc_c = dh_c
-    b_c0 = dh_c
-    b_h0 = dh_c
-    if CELL == LSTM:
-        dc_c = tl.load(dcn_ptr + p_state * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
-        b_c0 = tl.load(c0_ptr + p_state * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
-    if CELL == GRU:
-        b_h0 = tl.load(h0_ptr + p_state * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
-    if HAS_LENGTHS:
-        b_len = tl.load(len_ptr + o_b, mask=m_b, other=0)
-
-    for k in range(0, T):
-        s = T - 1 - k
+    for k in range(k_begin, k_end + 1):
+        last = k == T                  # past the last step: only dh0 remains
+        s = tl.maximum(T - 1 - k, 0)
         t = step_time(s, i_d, T)
         t64 = t.to(tl.int64)
-        has_prev = positive(s, o_b)[:, None]
         t_prev = prev_time(t, i_d, T)
-        p_row = (t64 * B + ob64)[:, None] * D + i_d
-        p_row_prev = (t_prev * B + ob64)[:, None] * D + i_d
-        dh = dh_c + tl.load(dy_ptr + t64 * stride_dyt + ob64[:, None] * stride_dyb + i_d * H
-                            + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
-        if HAS_LENGTHS:
-            act = (t < b_len)[:, None] & m_bh
-        else:
-            act = m_bh
-        p_dg = dgx_ptr + p_row * (G * H) + o_h[None, :]
-        p_buf = gbuf_ptr + ((k % 2) * D + i_d) * B * (G * H) + ob64[:, None] * (G * H)
-        s0, s1, s2, s3 = dh, dh, dh, dh
-        if CELL == LSTM or CELL == GRU:
-            s0, s1, s2, s3 = load_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], m_bh, H,
-                                        ACC)
-        c_t = dh
-        c_prev = dh
-        h_prev = dh
-        h_t = dh
-        if CELL == LSTM:
-            c_t = tl.load(cell_ptr + p_row * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
-            c_prev = tl.where(has_prev, tl.load(cell_ptr + p_row_prev * H + o_h[None, :],
-                                                mask=m_bh & has_prev, other=0.0).to(ACC), b_c0)
-        elif CELL == GRU:
-            h_prev = tl.where(has_prev, tl.load(
-                y_ptr + t_prev * stride_yt + ob64[:, None] * stride_yb + i_d * H + o_h[None, :],
-                mask=m_bh & has_prev, other=0.0).to(ACC), b_h0)
-        else:
-            h_t = tl.load(y_ptr + t64 * stride_yt + ob64[:, None] * stride_yb + i_d * H
-                          + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
-        g0, g1, g2, g3, gh2, dh_keep, dc_c = cell_backward(dh, dc_c, s0, s1, s2, s3, c_t, c_prev,
-                                                           h_prev, h_t, act, CELL)
-        if G == 1:
-            tl.store(p_dg, g0.to(G_DTYPE), mask=m_bh)
-            tl.store(p_buf + o_h[None, :], g0.to(gbuf_ptr.dtype.element_ty), mask=m_bh)
-        else:
-            store_gates(p_dg, g0, g1, g2, g3, m_bh, H, G)
-            # What W_hh multiplies: for GRU the n gate's hidden part (r * dn), not its input part.
-            store_gates(p_buf + o_h[None, :], g0, g1, gh2, g3, m_bh, H, G)
-        if CELL == GRU:
-            store_gates(dgh_ptr + p_row * (G * H) + o_h[None, :], g0, g1, gh2, gh2, m_bh, H, 3)
-        # Wait for the group's gate gradients of this step, then form dh of the step before.
-        _grid_barrier(p_sync, (k + 1) * NJ)
-        p_all = p_buf + o_k[None, :]
-        rec = tl.dot(tl.load(p_all, mask=m_bk, other=0.0, cache_modifier=".cg").to(W_DTYPE),
-                     b_w0, input_precision=PRECISION).to(ACC)
-        if G >= 3:
-            rec += tl.dot(tl.load(p_all + H, mask=m_bk, other=0.0,
-                                  cache_modifier=".cg").to(W_DTYPE),
-                          b_w1, input_precision=PRECISION).to(ACC)
-            rec += tl.dot(tl.load(p_all + 2 * H, mask=m_bk, other=0.0,
-                                  cache_modifier=".cg").to(W_DTYPE),
-                          b_w2, input_precision=PRECISION).to(ACC)
-        if G == 4:
-            rec += tl.dot(tl.load(p_all + 3 * H, mask=m_bk, other=0.0,
-                                  cache_modifier=".cg").to(W_DTYPE),
-                          b_w3, input_precision=PRECISION).to(ACC)
-        dh_c = rec + dh_keep
-
-    tl.store(dh0_ptr + p_state * H + o_h[None, :], dh_c.to(dh0_ptr.dtype.element_ty), mask=m_bh)
-    if CELL == LSTM:
-        tl.store(dc0_ptr + p_state * H + o_h[None, :], dc_c.to(dc0_ptr.dtype.element_ty),
-                 mask=m_bh)
+        slot = k % 2
+        for c in range(b_lo, b_hi, BLOCK_N):
+            o_n = c + tl.arange(0, BLOCK_N)
+            m_n = o_n < b_hi
+            on64 = o_n.to(tl.int64)
+            m_un = m_u[:, None] & m_n[None, :]
+            p_dh = dhbuf_ptr + (i_d * B + on64)[None, :] * H + o_u[:, None]
+            dh = tl.load(p_dh, mask=m_un, other=0.0)
+            # The recurrent part: the previous backward step's gate gradients (none at k = 0).
+            has_q = positive(k, o_n)[None, :] & m_n[None, :]
+            p_g = gbuf_ptr + (((1 - slot) * D + i_d) * B + on64)[None, :] * GH + o_k[:, None]
+            m_g = m_k[:, None] & has_q
+            rec = tl.dot(b_w0, tl.load(p_g, mask=m_g, other=0.0, cache_modifier=".cg")
+                         .to(W_DTYPE), input_precision=PRECISION).to(ACC)
+            if G >= 3:
+                rec += tl.dot(b_w1, tl.load(p_g + H, mask=m_g, other=0.0, cache_modifier=".cg")
+                              .to(W_DTYPE), input_precision=PRECISION).to(ACC)
+                rec += tl.dot(b_w2, tl.load(p_g + 2 * H, mask=m_g, other=0.0,
+                                            cache_modifier=".cg").to(W_DTYPE),
+                              input_precision=PRECISION).to(ACC)
+            if G == 4:
+                rec += tl.dot(b_w3, tl.load(p_g + 3 * H, mask=m_g, other=0.0,
+                                            cache_modifier=".cg").to(W_DTYPE),
+                              input_precision=PRECISION).to(ACC)
+            dh = dh + rec
+            if last:
+                tl.store(dh0_ptr + (i_d * B + on64)[None, :] * H + o_u[:, None],
+                         dh.to(dh0_ptr.dtype.element_ty), mask=m_un)
+                if CELL == LSTM:
+                    dc = tl.load(dcbuf_ptr + (i_d * B + on64)[None, :] * H + o_u[:, None],
+                                 mask=m_un, other=0.0)
+                    tl.store(dc0_ptr + (i_d * B + on64)[None, :] * H + o_u[:, None],
+                             dc.to(dc0_ptr.dtype.element_ty), mask=m_un)
+            else:
+                dh += tl.load(dy_ptr + t64 * stride_dyt + on64[None, :] * stride_dyb + i_d * H
+                              + o_u[:, None], mask=m_un, other=0.0).to(ACC)
+                has_prev = positive(s, o_n)[None, :]
+                p_row = (t64 * B + on64)[None, :] * D + i_d
+                p_row_prev = (t_prev * B + on64)[None, :] * D + i_d
+                s0, s1, s2, s3 = dh, dh, dh, dh
+                if CELL == LSTM or CELL == GRU:
+                    s0, s1, s2, s3 = load_gates(gates_ptr + p_row * (NSAVE * H) + o_u[:, None],
+                                                m_un, H, ACC)
+                c_t = dh
+                c_prev = dh
+                h_prev = dh
+                h_t = dh
+                dc = dh
+                state = (i_d * B + on64)[None, :] * H + o_u[:, None]
+                if CELL == LSTM:
+                    c_t = tl.load(cell_ptr + p_row * H + o_u[:, None], mask=m_un,
+                                  other=0.0).to(ACC)
+                    c_prev = tl.where(has_prev, tl.load(cell_ptr + p_row_prev * H + o_u[:, None],
+                                                        mask=m_un & has_prev, other=0.0).to(ACC),
+                                      tl.load(c0_ptr + state, mask=m_un, other=0.0).to(ACC))
+                    dc = tl.load(dcbuf_ptr + state, mask=m_un, other=0.0)
+                elif CELL == GRU:
+                    h_prev = tl.where(has_prev, tl.load(
+                        y_ptr + t_prev * stride_yt + on64[None, :] * stride_yb + i_d * H
+                        + o_u[:, None], mask=m_un & has_prev, other=0.0).to(ACC),
+                        tl.load(h0_ptr + state, mask=m_un, other=0.0).to(ACC))
+                else:
+                    h_t = tl.load(y_ptr + t64 * stride_yt + on64[None, :] * stride_yb + i_d * H
+                                  + o_u[:, None], mask=m_un, other=0.0).to(ACC)
+                if HAS_LENGTHS:
+                    act = (t < tl.load(len_ptr + o_n, mask=m_n, other=0))[None, :] & m_un
+                else:
+                    act = m_un
+                g0, g1, g2, g3, gh2, dh_keep, dc_prev = cell_backward(
+                    dh, dc, s0, s1, s2, s3, c_t, c_prev, h_prev, h_t, act, CELL, FAST)
+                p_dg = dgx_ptr + p_row * GH + o_u[:, None]
+                p_buf = gbuf_ptr + ((slot * D + i_d) * B + on64)[None, :] * GH + o_u[:, None]
+                if G == 1:
+                    tl.store(p_dg, g0.to(G_DTYPE), mask=m_un)
+                    tl.store(p_buf, g0.to(gbuf_ptr.dtype.element_ty), mask=m_un)
+                else:
+                    store_gates(p_dg, g0, g1, g2, g3, m_un, H, G)
+                    # What W_hh multiplies: for GRU the n gate's hidden part (r * dn).
+                    store_gates(p_buf, g0, g1, gh2, g3, m_un, H, G)
+                if CELL == GRU:
+                    store_gates(dgh_ptr + p_row * GH + o_u[:, None], g0, g1, gh2, gh2, m_un, H, 3)
+                if CELL == LSTM:
+                    tl.store(dcbuf_ptr + state, dc_prev, mask=m_un)
+                tl.store(p_dh, dh_keep, mask=m_un)
+        if SYNC:
+            if k < k_end:
+                _publish(p_flags + i_j * FLAG_STRIDE, k + 1)
+                budget = _await(p_flags, NJ, k + 1, err_ptr, budget, BLOCK_J, FLAG_STRIDE)
 
 
 # ---------------------------------------------------------------------------------------------
-# Planning and launchers.
+# Planning.
 
-# W_hh elements one program holds (its slice, all gates). Triton keeps the slice in registers as
-# well as in shared memory: at 16384 elements (e.g. LSTM H=256, 16 units) the compiled forward
-# kernel already runs at 255 registers per thread (bench/kernel_resources.py); beyond it spills.
-MAX_SLICE_WEIGHTS = 16384
-_SLICES = (16, 32, 64)
+BLOCK_N = 16             # batch rows per chunk: the dots' N dimension
+# Units per program, in order of preference; 8-unit slices (products of fewer than 16 rows, which
+# Triton pads for the tensor cores) only where no wider slice fits: LSTM and GRU in fp32 at
+# H = 1024 (a 16-unit slice of the stacked gates is 256 KiB there).
+_SLICES = (16, 32, 8)
+INTERPRETER_SLICE = 16   # units per program under the interpreter (tests vary it)
+STAGE_REGS = 64          # registers per thread a chunk of the state may take on its way in
+                         # (with 8 warps; half that with 4)
 
+
+def _gates_padded(G: int) -> int:
+    return 4 if G == 3 else G
+
+
+def plan(problem: Problem, spec: DeviceSpec) -> Plan:
+    """Slices of BLOCK_H units, one program each, every direction and batch tile its own group;
+    W_hh's slice resident in shared memory in both passes."""
+    if problem.has_proj:
+        raise DoesNotFit("no proj_size (h and the cell state would need two barriers per step)")
+    G, GP, H, D, B = problem.G, _gates_padded(problem.G), problem.H, problem.D, problem.B
+    K = block(H)
+    isz = problem.itemsize * operand_copies(problem)
+    if spec.interpreter:
+        # Stepped (one launch per step): several programs per group, as on a GPU.
+        # A group of one program needs no barrier: one launch, as on a GPU.
+        bh = INTERPRETER_SLICE
+        nj = triton.cdiv(H, bh)
+        cfg = dict(block_b=triton.cdiv(B, BLOCK_N) * BLOCK_N, block_h=bh, block_k=K,
+                   num_warps=4, shared_bytes=(GP * bh * K + K * BLOCK_N) * isz)
+        per_step, fixed = ((1, 1), (0, 1)) if nj > 1 else ((0, 0), (1, 1))
+        return Plan("cooperative", (KernelConfig("_recurrence_fwd_coop_kernel", **cfg),
+                                    KernelConfig("_recurrence_bwd_coop_kernel", **cfg)),
+                    grid=(nj, 1, D), launches_per_step=per_step, launches_fixed=fixed)
+    reasons = {}
+    for bh in _SLICES:
+        nj = triton.cdiv(H, bh)
+        if nj * D > spec.sm_count:
+            reasons.setdefault("sms", f"{nj * D} programs of {bh} units > {spec.sm_count} SMs")
+            continue
+        # The weight slice and a chunk of the state (dot operands, in shared memory).
+        shared = max(GP, G) * bh * K * isz + K * BLOCK_N * isz
+        if shared > spec.smem_per_block:
+            reasons.setdefault("smem", f"{bh}-unit slices need {shared} B of shared memory > "
+                                       f"{spec.smem_per_block}")
+            continue
+        # A chunk of the state passes through registers on its way to shared memory: 4 warps
+        # while it takes at most 32 registers a thread, else 8 warps and at most 64 (the forward
+        # spilled at sm_90 with 4 warps and 64: LSTM H=1000 bf16).
+        stage = K * BLOCK_N * isz
+        warps = 4 if stage <= STAGE_REGS // 2 * 4 * 32 * 4 else 8
+        if stage > STAGE_REGS * 4 * 32 * warps:
+            reasons.setdefault("regs", f"a [{K}, {BLOCK_N}] state chunk needs more registers "
+                                       "than 8 warps have to spare")
+            continue
+        # Batch tiles as groups while SMs remain: more parallelism at large batch.
+        nbt = max(1, min(triton.cdiv(B, BLOCK_N), spec.sm_count // (nj * D)))
+        bt = triton.cdiv(triton.cdiv(B, nbt), BLOCK_N) * BLOCK_N
+        nbt = triton.cdiv(B, bt)
+        # One program per SM: its registers are all the program's. Said explicitly, because
+        # without a bound ptxas falls back to 32 registers and kilobytes of spills where it
+        # expects to need more than 255 (seen at sm_90 for the H=1000 fp16 backward).
+        maxnreg = min(255, spec.regs_per_sm // (32 * warps))
+        cfg = dict(block_b=bt, block_h=bh, block_k=K, num_warps=warps, shared_bytes=shared,
+                   maxnreg=maxnreg)
+        return Plan("cooperative", (KernelConfig("_recurrence_fwd_coop_kernel", **cfg),
+                                    KernelConfig("_recurrence_bwd_coop_kernel", **cfg)),
+                    grid=(nj, nbt, D))
+    raise DoesNotFit(", or ".join(reasons.values()) or "no slice fits")
+
+
+# ---------------------------------------------------------------------------------------------
+# Launching, and the errors of waits that timed out.
 
 def _cooperative_launch_supported() -> bool:
     try:
@@ -294,96 +416,125 @@ def _cooperative_launch_supported() -> bool:
     return "launch_cooperative_grid" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
-def plan(problem: Problem, spec: DeviceSpec) -> Plan:
-    """One group of programs per (batch tile, direction); each program owns ``block_h`` hidden
-    units, holds their rows of W_hh (all gates) and reads the whole state every step."""
-    if problem.has_proj:
-        raise DoesNotFit("no proj_size (h and the cell state would need two barriers per step)")
-    G, H = problem.G, problem.H
-    block_k = block(H)
-    isz = problem.itemsize * operand_copies(problem)
-    if spec.interpreter:
-        # Programs run one after another there: one program per group passes every barrier.
-        block_b = 16
-        groups = triton.cdiv(problem.B, block_b) * problem.D
-        shared = (G * block_k * block_k + block_b * block_k) * isz
-        cfg = dict(block_b=block_b, block_h=block_k, block_k=block_k, num_warps=4,
-                   shared_bytes=shared)
-        return Plan("cooperative", (KernelConfig("_recurrence_fwd_coop_kernel", **cfg),
-                                    KernelConfig("_recurrence_bwd_coop_kernel", **cfg)),
-                    grid=(1, groups // problem.D, problem.D))
-    reasons = {}  # the first reason of each kind
-    # Batch tiles of 64 rows (a Hopper warpgroup MMA's M) where they fit, else 16.
-    for block_b, block_h in itertools.product((64, 16), _SLICES):
-        groups = triton.cdiv(problem.B, block_b) * problem.D
-        per_group = triton.cdiv(H, block_h)
-        weights = G * block_h * block_k
-        # Shared memory: the weight slice and the state tile, dot operands.
-        shared = (weights + block_b * block_k) * isz
-        if per_group * groups > spec.sm_count:
-            reasons.setdefault("sms", f"{per_group * groups} programs ({block_h} units each) "
-                                      f"> {spec.sm_count} SMs")
-        elif weights > MAX_SLICE_WEIGHTS:
-            reasons.setdefault("regs", f"a slice of {weights} weights > {MAX_SLICE_WEIGHTS} "
-                                       "(registers)")
-        elif shared > spec.smem_per_block:
-            reasons.setdefault("smem", f"{shared} B of shared memory > {spec.smem_per_block}")
-        else:
-            cfg = dict(block_b=block_b, block_h=block_h, block_k=block_k, num_warps=8,
-                       shared_bytes=shared)
-            return Plan("cooperative", (KernelConfig("_recurrence_fwd_coop_kernel", **cfg),
-                                        KernelConfig("_recurrence_bwd_coop_kernel", **cfg)),
-                        grid=(per_group, groups // problem.D, problem.D))
-    raise DoesNotFit(", or ".join(reasons.values()))
-
-
-def _launch_options(cfg: KernelConfig) -> dict:
+def _launch_options(cfg: KernelConfig, on_gpu: bool) -> dict:
     opts = cfg.launch_options()
-    if not torch.cuda.is_available() or not _cooperative_launch_supported():
-        return opts
-    from ..backend import interpreting
-
-    if not interpreting():
+    if on_gpu and _cooperative_launch_supported():
         # A grid that cannot be co-resident fails to launch instead of hanging at a barrier.
         opts["launch_cooperative_grid"] = True
     return opts
 
 
+_pending: list = []   # (event, pinned host flag, what) of launches whose errors are unread
+
+
+def _watch(err: torch.Tensor, what: str) -> None:
+    """Read a launch's error flag back without waiting for it (pinned copy, event)."""
+    if err.device.type != "cuda":
+        if int(err.item()):
+            raise RuntimeError(_timeout_message(what))
+        return
+    if torch.cuda.is_current_stream_capturing():
+        return  # inside a CUDA graph capture: no host copies
+    host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+    host.copy_(err, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    _pending.append((event, host, what))
+
+
+def _timeout_message(what: str) -> str:
+    return (f"fastrnn: the cooperative {what} kernel gave up waiting at a grid barrier: its "
+            "programs were not all running at once (other work holding SMs, or a launch without "
+            "cooperative-grid support); its results are wrong. Run this layer with "
+            "FASTRNN_STRATEGY=stepwise (or fastrnn.force_strategy('stepwise')).")
+
+
+def check_errors() -> None:
+    """Raise if a finished cooperative launch timed out at a barrier (called at every
+    cooperative launch; call it to check sooner)."""
+    still = []
+    for event, host, what in _pending:
+        if event.query():
+            if int(host.item()):
+                _pending.clear()
+                raise RuntimeError(_timeout_message(what))
+        else:
+            still.append((event, host, what))
+    _pending[:] = still
+
+
+def _steps(T: int, stepped: bool, finish: bool = False):
+    """(first, last) step ranges, inclusive: one launch for every step, or one per step under the
+    interpreter; the backward's last "step", T, forms dh0 (its own launch when stepped: it needs
+    every program's gradients of step T-1)."""
+    last = T if finish else T - 1
+    if not stepped:
+        return [(0, last)]
+    return [(k, k) for k in range(last + 1)]
+
+
 def forward(a: ForwardArgs, the_plan: Plan) -> int:
+    check_errors()
     cfg = the_plan.config("_recurrence_fwd_coop_kernel")
+    nj, nbt, _ = the_plan.grid
     device = a.y.device
+    on_gpu = not interpreting() and device.type == "cuda"
+    stepped = not on_gpu and nj > 1
     hbuf = torch.empty(2, a.D, a.B, a.H, device=device, dtype=a.y.dtype)
-    per_group, nbt, _ = the_plan.grid
-    sync = torch.zeros(a.D * nbt, device=device, dtype=torch.int32)
-    launch_kernel(
-        _recurrence_fwd_coop_kernel, (per_group, nbt, a.D),
-        xg_ptr=a.xg, stride_xt=a.xg.stride(0), stride_xb=a.xg.stride(1),
-        h0_ptr=a.h0, c0_ptr=a.c0, w_hh_ptr=a.w_hh, b_hn_ptr=a.b_hn, len_ptr=a.lengths,
-        y_ptr=a.y, stride_yt=a.y.stride(0), stride_yb=a.y.stride(1),
-        hn_ptr=a.hn, cn_ptr=a.cn, gates_ptr=a.gates, cell_ptr=a.cell, hbuf_ptr=hbuf,
-        sync_ptr=sync, T=a.T, B=a.B, H=a.H,
-        CELL=a.mode, G=a.G, NSAVE=a.NSAVE, SAVE=a.save, ACC=a.ACC, PRECISION=a.precision,
-        BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
-        **_launch_options(cfg),
-    )
-    return 1
+    hbuf[0].copy_(a.h0)
+    cbuf = a.c0.to(acc_dtype(a.y.dtype)).contiguous().clone() if a.is_lstm else None
+    flags = torch.zeros(a.D * nbt, nj * FLAG_STRIDE, device=device, dtype=torch.int32)
+    err = torch.zeros(1, device=device, dtype=torch.int32)
+    launches = 0
+    for first, last in _steps(a.T, stepped):
+        launch_kernel(
+            _recurrence_fwd_coop_kernel, (nj, nbt, a.D),
+            xg_ptr=a.xg, stride_xt=a.xg.stride(0), stride_xb=a.xg.stride(1),
+            w_hh_ptr=a.w_hh, b_hn_ptr=a.b_hn, len_ptr=a.lengths,
+            y_ptr=a.y, stride_yt=a.y.stride(0), stride_yb=a.y.stride(1),
+            gates_ptr=a.gates, cell_ptr=a.cell, hbuf_ptr=hbuf, cbuf_ptr=cbuf,
+            flags_ptr=flags, err_ptr=err, s_begin=first, s_end=last + 1, T=a.T, B=a.B, H=a.H,
+            BT=cfg.block_b, CELL=a.mode, G=a.G, GP=_gates_padded(a.G), NSAVE=a.NSAVE,
+            SAVE=a.save, ACC=a.ACC, PRECISION=a.precision,
+            BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, BLOCK_N=BLOCK_N,
+            BLOCK_J=max(2, triton.next_power_of_2(nj)), SYNC=on_gpu,
+            **_launch_options(cfg, on_gpu))
+        launches += 1
+    # The final states: the last slot written (rows past their length carried theirs).
+    a.hn.copy_(hbuf[a.T % 2])
+    if a.is_lstm:
+        a.cn.copy_(cbuf)
+    _watch(err, "forward")
+    return launches
 
 
 def backward(b: BackwardArgs, the_plan: Plan) -> int:
+    check_errors()
     cfg = the_plan.config("_recurrence_bwd_coop_kernel")
+    nj, nbt, _ = the_plan.grid
     device = b.dy.device
-    gbuf = torch.empty(2, b.D, b.B, b.G * b.H, device=device, dtype=b.dgx.dtype)
-    per_group, nbt, _ = the_plan.grid
-    sync = torch.zeros(b.D * nbt, device=device, dtype=torch.int32)
-    launch_kernel(
-        _recurrence_bwd_coop_kernel, (per_group, nbt, b.D),
-        dy_ptr=b.dy, stride_dyt=b.dy.stride(0), stride_dyb=b.dy.stride(1),
-        dhn_ptr=b.dhn, dcn_ptr=b.dcn, y_ptr=b.y, stride_yt=b.y.stride(0),
-        stride_yb=b.y.stride(1), h0_ptr=b.h0, c0_ptr=b.c0, gates_ptr=b.gates, cell_ptr=b.cell,
-        w_hh_ptr=b.w_hh, len_ptr=b.lengths, dgx_ptr=b.dgx, dgh_ptr=b.dgh,
-        dh0_ptr=b.dh0, dc0_ptr=b.dc0, gbuf_ptr=gbuf, sync_ptr=sync, T=b.T, B=b.B, H=b.H,
-        CELL=b.mode, G=b.G, NSAVE=b.NSAVE, ACC=b.ACC, PRECISION=b.precision,
-        BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
-        **_launch_options(cfg),
-    )
-    return 1
+    on_gpu = not interpreting() and device.type == "cuda"
+    stepped = not on_gpu and nj > 1
+    acc = acc_dtype(b.dy.dtype)
+    gbuf = torch.zeros(2, b.D, b.B, b.G * b.H, device=device, dtype=b.dgx.dtype)
+    dhbuf = b.dhn.to(acc).contiguous().clone()
+    dcbuf = b.dcn.to(acc).contiguous().clone() if b.is_lstm else None
+    flags = torch.zeros(b.D * nbt, nj * FLAG_STRIDE, device=device, dtype=torch.int32)
+    err = torch.zeros(1, device=device, dtype=torch.int32)
+    launches = 0
+    for k_begin, k_end in _steps(b.T, stepped, finish=True):
+        launch_kernel(
+            _recurrence_bwd_coop_kernel, (nj, nbt, b.D),
+            dy_ptr=b.dy, stride_dyt=b.dy.stride(0), stride_dyb=b.dy.stride(1),
+            y_ptr=b.y, stride_yt=b.y.stride(0), stride_yb=b.y.stride(1),
+            h0_ptr=b.h0, c0_ptr=b.c0, gates_ptr=b.gates, cell_ptr=b.cell,
+            w_hh_ptr=b.w_hh, len_ptr=b.lengths, dgx_ptr=b.dgx, dgh_ptr=b.dgh,
+            dh0_ptr=b.dh0, dc0_ptr=b.dc0, gbuf_ptr=gbuf, dhbuf_ptr=dhbuf, dcbuf_ptr=dcbuf,
+            flags_ptr=flags, err_ptr=err, k_begin=k_begin, k_end=k_end, T=b.T, B=b.B, H=b.H,
+            BT=cfg.block_b, CELL=b.mode, G=b.G, NSAVE=b.NSAVE, ACC=b.ACC,
+            PRECISION=b.precision, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, BLOCK_N=BLOCK_N,
+            BLOCK_J=max(2, triton.next_power_of_2(nj)), SYNC=on_gpu,
+            **_launch_options(cfg, on_gpu))
+        launches += 1
+    _watch(err, "backward")
+    return launches

@@ -14,14 +14,15 @@ import triton
 import triton.language as tl
 
 from ._jit import (LSTM, GRU, cell_backward, cell_forward, load_gate_tiles, load_gates, positive,
-                   prev_time, recurrent_products, step_time, store_gates)
+                   prev_time, recurrent_products, save_gates, step_time, store_gates)
 from .args import BackwardArgs, ForwardArgs
 from .select import (DeviceSpec, DoesNotFit, KernelConfig, Plan, Problem, block,
-                     launch_kernel, operand_copies)
+                     fast_activations, launch_kernel, operand_copies)
 
 _BWD_OPTIONAL = {
     "HAS_PROJ": lambda a: a["w_hr_ptr"] is not None,
     "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
+    "FAST": lambda a: fast_activations(a["w_hh_ptr"].dtype),
 }
 _OPTIONAL = {**_BWD_OPTIONAL, "HAS_BHN": lambda a: a["b_hn_ptr"] is not None}
 
@@ -40,7 +41,7 @@ def _recurrence_fwd_persistent_kernel(
     CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr, SAVE: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
-    HAS_BHN: tl.constexpr, HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    HAS_BHN: tl.constexpr, HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, FAST: tl.constexpr,
 ):
     i_b = tl.program_id(0)
     i_d = tl.program_id(1)
@@ -88,11 +89,10 @@ def _recurrence_fwd_persistent_kernel(
         b_hw = tl.where(m_bp, h, 0.0).to(W_DTYPE)
         q0, q1, q2, q3 = recurrent_products(b_hw, b_w0, b_w1, b_w2, b_w3, G, ACC, PRECISION)
         h_new, c_new, s0, s1, s2, s3 = cell_forward(x0, x1, x2, x3, q0, q1, q2, q3, h, c, b_bhn,
-                                                    CELL, HAS_BHN, ACC)
+                                                    CELL, HAS_BHN, ACC, FAST)
         p_row = (t64 * B + ob64)[:, None] * D + i_d  # row of the saved-activation tensors
         if SAVE and NSAVE > 0:
-            store_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], s0, s1, s2, s3, m_bh, H,
-                        4)
+            save_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], s0, s1, s2, s3, m_bh, H)
         if CELL == LSTM:
             if HAS_PROJ:
                 h_new = tl.dot(tl.where(m_bh, h_new, 0.0).to(W_DTYPE), b_wr,
@@ -104,7 +104,7 @@ def _recurrence_fwd_persistent_kernel(
             if SAVE:
                 # The carried state: backward reads it as the cell state before the next step.
                 tl.store(cell_ptr + p_row * H + o_h[None, :], c.to(cell_ptr.dtype.element_ty),
-                         mask=m_bh)
+                         mask=m_bh, eviction_policy="evict_first")
         # The state is stored, and carried, at the precision of the layer's dtype.
         h_new = h_new.to(Y_DTYPE).to(ACC)
         if HAS_LENGTHS:
@@ -112,7 +112,7 @@ def _recurrence_fwd_persistent_kernel(
         else:
             h = h_new
         tl.store(y_ptr + t64 * stride_yt + ob64[:, None] * stride_yb + i_d * P + o_p[None, :],
-                 h.to(Y_DTYPE), mask=m_bp)
+                 h.to(Y_DTYPE), mask=m_bp, eviction_policy="evict_first")
 
     tl.store(hn_ptr + p_state * P + o_p[None, :], h.to(hn_ptr.dtype.element_ty), mask=m_bp)
     if CELL == LSTM:
@@ -135,7 +135,7 @@ def _recurrence_bwd_persistent_kernel(
     CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
-    HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, FAST: tl.constexpr,
 ):
     i_b = tl.program_id(0)
     i_d = tl.program_id(1)
@@ -212,7 +212,7 @@ def _recurrence_bwd_persistent_kernel(
             h_t = tl.load(y_ptr + t64 * stride_yt + ob64[:, None] * stride_yb + i_d * P
                           + o_p[None, :], mask=m_bp, other=0.0).to(ACC)
         g0, g1, g2, g3, gh2, dh_keep, dc_c = cell_backward(dr, dc_c, s0, s1, s2, s3, c_t, c_prev,
-                                                           h_prev, h_t, act, CELL)
+                                                           h_prev, h_t, act, CELL, FAST)
         p_dg = dgx_ptr + p_row * (G * H) + o_h[None, :]
         if G == 1:
             tl.store(p_dg, g0.to(G_DTYPE), mask=m_bh)

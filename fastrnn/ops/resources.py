@@ -30,7 +30,7 @@ from . import select
 
 _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
           torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64"}
-_OPTIONS = ("num_warps", "num_stages", "launch_cooperative_grid")
+_OPTIONS = ("num_warps", "num_stages", "maxnreg", "launch_cooperative_grid")
 _LOCK = threading.Lock()
 
 
@@ -56,7 +56,8 @@ def figures(compiled) -> dict:
     return {"registers": regs, "stack_bytes": stack, "local_bytes": local,
             "shared_memory_bytes": int(compiled.metadata.shared) + static,
             "mma": len(re.findall(r"\bmma\.sync", ptx)),
-            "wgmma": len(re.findall(r"\bwgmma\.mma_async", ptx))}
+            "wgmma": len(re.findall(r"\bwgmma\.mma_async", ptx)),
+            "tanh_approx": len(re.findall(r"\btanh\.approx\.f32", ptx))}
 
 
 def fits(entry: dict, spec: select.DeviceSpec) -> str:

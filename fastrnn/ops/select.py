@@ -4,15 +4,16 @@ Selection is a pure function of the problem (:class:`Problem`: cell, sizes, dtyp
 a description of the device (:class:`DeviceSpec`: SM count, shared memory per block, registers per
 SM, compute capability), so it can be tested on a CPU for any GPU and explained to users
 (``fastrnn.explain``, ``python -m fastrnn explain``). Each strategy module sizes its tiles from a
-byte budget of that device (``plan(problem, spec)``) and says None where it cannot fit; this module
-picks among them:
+byte budget of that device (``plan(problem, spec)``) and raises DoesNotFit where it cannot; this
+module picks among them:
 
 1. ``persistent``: one program per (batch tile, direction), the whole W_hh on one SM: best for
    small hidden sizes (measured on an H100, fp16 LSTM B=16: 2.5 us per step at H=64 against
    3.3 us cooperative; 5.4 against 3.7 at H=128).
 2. ``cooperative``: programs share each recurrence, one grid barrier per step, W_hh sliced over
-   the SMs (3.3-5.3 us per step where it fits, H100).
-3. ``stepwise``: one launch per step; any size (30-45 us per step of host time, H100). fp64
+   the SMs (its first version ran at 3.3-5.3 us per step on an H100; this one is unmeasured).
+3. ``stepwise``: one launch per step; any size (its launches bypass Triton's Python launch path
+   after the first step, which cost 25-65 us per step on the H100's host). fp64
    layers on a GPU always run it: they are for checking, not speed, and one configuration keeps
    the compiled variants few.
 
@@ -178,9 +179,13 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 1
     shared_bytes: int = 0        # estimate of the dynamic shared memory (the compiled figure rules)
+    maxnreg: Optional[int] = None  # registers per thread ptxas may use (None: its own choice)
 
     def launch_options(self) -> dict:
-        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        opts = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.maxnreg is not None:
+            opts["maxnreg"] = self.maxnreg
+        return opts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,6 +339,18 @@ def launching_with(hook):
         yield
     finally:
         _launcher.reset(token)
+
+
+_FAST_ACTIVATIONS = os.environ.get("FASTRNN_FAST_ACTIVATIONS", "1") != "0"
+
+
+def fast_activations(dtype) -> bool:
+    """Whether kernels use the hardware tanh approximation (``tanh.approx.f32``, relative error
+    about 2^-11; sigmoid as 0.5 tanh(x/2) + 0.5, absolute error about 2^-12): for bf16 layers,
+    whose own rounding (2^-8) is larger. Not for fp16 (rounding 2^-11, the same size) until
+    measured on a GPU; never in the interpreter (no inline PTX); FASTRNN_FAST_ACTIVATIONS=0
+    turns it off."""
+    return _FAST_ACTIVATIONS and dtype == torch.bfloat16 and not interpreting()
 
 
 def resolve_heuristics(kernel, kwargs: dict):

@@ -18,10 +18,10 @@ import triton
 import triton.language as tl
 
 from ._jit import (LSTM, GRU, cell_backward, cell_forward, load_gate_tiles, load_gates, positive,
-                   prev_time, step_time, store_gates)
+                   prev_time, save_gates, step_time, store_gates)
 from .args import BackwardArgs, ForwardArgs, acc_dtype
-from .select import (DeviceSpec, DoesNotFit, KernelConfig, Plan, Problem, launch_kernel,
-                     operand_copies, resolve_heuristics)
+from .select import (DeviceSpec, DoesNotFit, KernelConfig, Plan, Problem, fast_activations,
+                     launch_kernel, operand_copies, resolve_heuristics)
 
 _LENGTHS = {"HAS_LENGTHS": lambda a: a["len_ptr"] is not None}
 
@@ -40,7 +40,8 @@ def _load_prev(y_ptr, stride_yt, stride_yb, t_prev, init_ptr, init_rows, init_wi
     return tl.where(has_prev, from_y, from_init)
 
 
-@triton.heuristics({**_LENGTHS, "HAS_BHN": lambda a: a["b_hn_ptr"] is not None})
+@triton.heuristics({**_LENGTHS, "HAS_BHN": lambda a: a["b_hn_ptr"] is not None,
+                    "FAST": lambda a: fast_activations(a["w_hh_ptr"].dtype)})
 @triton.jit
 def _recurrence_fwd_step_kernel(
     xg_ptr, stride_xt, stride_xb,      # [T, B, D*G*H]
@@ -53,7 +54,7 @@ def _recurrence_fwd_step_kernel(
     CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr, HAS_PROJ: tl.constexpr,
     SAVE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_BHN: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    HAS_BHN: tl.constexpr, HAS_LENGTHS: tl.constexpr, FAST: tl.constexpr,
 ):
     i_b = tl.program_id(0)
     i_h = tl.program_id(1)
@@ -114,9 +115,9 @@ def _recurrence_fwd_step_kernel(
         b_bhn = tl.load(b_hn_ptr + i_d * H + o_h, mask=m_h, other=0.0).to(ACC)[None, :]
     x0, x1, x2, x3 = load_gate_tiles(p_x, m_bh, H, G)
     h_new, c_new, s0, s1, s2, s3 = cell_forward(x0, x1, x2, x3, acc0, acc1, acc2, acc3, h_prev, c,
-                                                b_bhn, CELL, HAS_BHN, ACC)
+                                                b_bhn, CELL, HAS_BHN, ACC, FAST)
     if SAVE and NSAVE > 0:
-        store_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], s0, s1, s2, s3, m_bh, H, 4)
+        save_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], s0, s1, s2, s3, m_bh, H)
     if CELL == LSTM:
         tl.store(cell_ptr + p_row * H + o_h[None, :],
                  tl.where(act, c_new, c).to(cell_ptr.dtype.element_ty), mask=m_bh)
@@ -250,7 +251,8 @@ def _recurrence_bwd_step_dh_kernel(
                      dh_p.to(dhp_ptr.dtype.element_ty), mask=m_bp)
 
 
-@triton.heuristics({**_LENGTHS, "HAS_PROJ": lambda a: a["w_hr_ptr"] is not None})
+@triton.heuristics({**_LENGTHS, "HAS_PROJ": lambda a: a["w_hr_ptr"] is not None,
+                    "FAST": lambda a: fast_activations(a["dgx_ptr"].dtype)})
 @triton.jit
 def _recurrence_bwd_step_gates_kernel(
     y_ptr, stride_yt, stride_yb, h0_ptr, c0_ptr,
@@ -261,7 +263,7 @@ def _recurrence_bwd_step_gates_kernel(
     CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, HAS_PROJ: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_PROJ: tl.constexpr, FAST: tl.constexpr,
 ):
     """Gradients of the gate pre-activations of forward step s = T-1-k, for a hidden tile."""
     i_b = tl.program_id(0)
@@ -320,7 +322,7 @@ def _recurrence_bwd_step_gates_kernel(
         h_t = tl.load(y_ptr + t64 * stride_yt + ob64[:, None] * stride_yb + i_d * P
                       + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
     g0, g1, g2, g3, gh2, _, dc_prev = cell_backward(dr, dc, s0, s1, s2, s3, c_t, c_prev, h_prev,
-                                                    h_t, act, CELL)
+                                                    h_t, act, CELL, FAST)
     p_dg = dgx_ptr + p_row * (G * H) + o_h[None, :]
     if G == 1:
         tl.store(p_dg, g0.to(G_DTYPE), mask=m_bh)

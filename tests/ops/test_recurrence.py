@@ -175,3 +175,45 @@ def test_backward_runs_the_strategy_the_forward_ran(where):
     assert x.grad is not None
     assert _count("stepwise", "bwd") - before["stepwise"] == 2 * 6 + 1
     assert _count("persistent", "bwd") == before["persistent"]
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("D,slice_units", [(1, 16), (2, 16), (2, 8), (2, 64)])
+def test_cooperative_with_many_programs_per_group(mode, D, slice_units, monkeypatch, request):
+    """The cooperative kernels with several programs per group (slices of 16 units, or of 8 as
+    for fp32 at H=1024 on an H100; the last slice partly past H), two batch chunks and packed
+    lengths, in float64. Under the interpreter they run one step per launch, the kernel boundary
+    standing in for the grid barrier: the same per-step code as on a GPU. With one program per
+    group (64 units) the whole sequence is one launch, with the prefetch across steps."""
+    from fastrnn.ops import cooperative, select
+
+    if DEVICE == "cpu":
+        monkeypatch.setattr(cooperative, "INTERPRETER_SLICE", slice_units)
+        select.plan.cache_clear()  # plans are cached: none made with this slice may outlive it
+        request.addfinalizer(select.plan.cache_clear)
+    m = MODES[mode]
+    T, B, H = 4, 20, 40
+    lengths = [4] + [1 + (7 * b) % 4 for b in range(1, B)]
+    lengths.sort(reverse=True)
+    args = _inputs(m, T, B, H, D, 0, lengths, seed=7)
+    problem = select.Problem(m, B, H, H, D, torch.float64)
+    assert select.plan(problem, select.describe(torch.device(DEVICE)),
+                       "cooperative").grid[0] == -(-H // slice_units) or DEVICE != "cpu"
+    leaves = [a.clone().requires_grad_(a.is_floating_point()) if a is not None else None
+              for a in args]
+    ref_leaves = [a.clone().requires_grad_(a.is_floating_point()) if a is not None else None
+                  for a in args]
+    got = _op(m, False, "cooperative")(*leaves)
+    want = _reference(m, *ref_leaves)
+    for g_, w_ in zip(got, want):
+        if w_ is not None:
+            torch.testing.assert_close(g_, w_, atol=1e-12, rtol=1e-12)
+    gen = torch.Generator().manual_seed(5)
+    ups = [torch.randn(w_.shape, generator=gen, dtype=w_.dtype).to(DEVICE)
+           for w_ in want if w_ is not None]
+    torch.autograd.backward([t for t in got if t is not None], ups)
+    torch.autograd.backward([t for t in want if t is not None], ups)
+    for name, a, b in zip(["x", "w_ih", "b_x", "h0", "c0", "w_hh", "b_hn", "w_hr"], leaves,
+                          ref_leaves):
+        if a is not None:
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=1e-12, msg=name)
