@@ -473,18 +473,26 @@ def _steps(T: int, stepped: bool, finish: bool = False):
     return [(k, k) for k in range(last + 1)]
 
 
+def _launch_state(the_plan: Plan, D: int, device: torch.device):
+    """What both passes set up alike: the grid's slices and batch tiles, whether the launch runs
+    on a GPU (barrier, cooperative launch) or one step per launch (interpreter, several programs
+    per group), and the zeroed barrier flags and error flag."""
+    nj, nbt, _ = the_plan.grid
+    on_gpu = not interpreting() and device.type == "cuda"
+    stepped = not on_gpu and nj > 1
+    flags = torch.zeros(D * nbt, nj * FLAG_STRIDE, device=device, dtype=torch.int32)
+    err = torch.zeros(1, device=device, dtype=torch.int32)
+    return nj, nbt, on_gpu, stepped, flags, err
+
+
 def forward(a: ForwardArgs, the_plan: Plan) -> int:
     check_errors()
     cfg = the_plan.config("_recurrence_fwd_coop_kernel")
-    nj, nbt, _ = the_plan.grid
     device = a.y.device
-    on_gpu = not interpreting() and device.type == "cuda"
-    stepped = not on_gpu and nj > 1
+    nj, nbt, on_gpu, stepped, flags, err = _launch_state(the_plan, a.D, device)
     hbuf = torch.empty(2, a.D, a.B, a.H, device=device, dtype=a.y.dtype)
     hbuf[0].copy_(a.h0)
     cbuf = a.c0.to(acc_dtype(a.y.dtype)).contiguous().clone() if a.is_lstm else None
-    flags = torch.zeros(a.D * nbt, nj * FLAG_STRIDE, device=device, dtype=torch.int32)
-    err = torch.zeros(1, device=device, dtype=torch.int32)
     launches = 0
     for first, last in _steps(a.T, stepped):
         launch_kernel(
@@ -511,16 +519,12 @@ def forward(a: ForwardArgs, the_plan: Plan) -> int:
 def backward(b: BackwardArgs, the_plan: Plan) -> int:
     check_errors()
     cfg = the_plan.config("_recurrence_bwd_coop_kernel")
-    nj, nbt, _ = the_plan.grid
     device = b.dy.device
-    on_gpu = not interpreting() and device.type == "cuda"
-    stepped = not on_gpu and nj > 1
+    nj, nbt, on_gpu, stepped, flags, err = _launch_state(the_plan, b.D, device)
     acc = acc_dtype(b.dy.dtype)
     gbuf = torch.zeros(2, b.D, b.B, b.G * b.H, device=device, dtype=b.dgx.dtype)
     dhbuf = b.dhn.to(acc).contiguous().clone()
     dcbuf = b.dcn.to(acc).contiguous().clone() if b.is_lstm else None
-    flags = torch.zeros(b.D * nbt, nj * FLAG_STRIDE, device=device, dtype=torch.int32)
-    err = torch.zeros(1, device=device, dtype=torch.int32)
     launches = 0
     for k_begin, k_end in _steps(b.T, stepped, finish=True):
         launch_kernel(
