@@ -12,7 +12,8 @@
 #   and OUT/environment.txt, then OUT/gpu_run.tar.gz holding all of it.
 #
 # Each step runs under its own time limit and the script goes on whatever a step does, so a
-# failure or a hang in one still leaves the others' results. Runs from a checkout without
+# failure or a hang in one still leaves the others' results; at the end it exits 1 and names
+# every stage that failed or timed out (also in OUT/failed.txt), after writing everything. Runs from a checkout without
 # installing (PYTHONPATH), as on machines without network.
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_run.sh OUT}
@@ -22,7 +23,9 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TRITON_DEFAULT_FP_FUSION=1
 unset TRITON_INTERPRET
+export FASTRNN_ALLOW_MISSING="onnx onnxscript"  # the GPU image has no ONNX exporter
 start=$SECONDS
+FAILED=()
 
 step() {  # name, time limit in seconds, command...
     local name=$1 limit=$2
@@ -31,6 +34,7 @@ step() {  # name, time limit in seconds, command...
     timeout --kill-after=15 "$limit" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
     [ $rc -eq 124 ] && echo "   TIMED OUT" | tee -a "$OUT/$name.log"
+    [ $rc -ne 0 ] && FAILED+=("$name (exit $rc$([ $rc -eq 124 ] && echo ', timed out'))")
     echo "   exit $rc; $((SECONDS - start)) s so far"
     tail -n 3 "$OUT/$name.log" | sed 's/^/   | /'
 }
@@ -55,3 +59,7 @@ step strategies 45 python bench/tune_strategies.py --out "$OUT/strategies.json" 
 tar czf "$OUT/gpu_run.tar.gz" -C "$OUT" --exclude gpu_run.tar.gz .
 echo "suite: $SUMMARY"
 echo "done in $((SECONDS - start)) s; results in $OUT"
+if [ ${#FAILED[@]} -gt 0 ]; then
+    printf 'FAILED stage: %s\n' "${FAILED[@]}" | tee "$OUT/failed.txt"
+    exit 1
+fi

@@ -82,3 +82,61 @@ def recurrence_reference(mode: int, xg: Tensor, h0: Tensor, c0: Tensor | None, w
         c_n.append(c)
     y = torch.cat(outputs, dim=-1)
     return y, torch.stack(h_n), (torch.stack(c_n) if c0 is not None else None)
+
+
+def rnn_reference(mode: int, x: Tensor, params: dict, num_layers: int, bidirectional: bool,
+                  hx=None, lengths: Tensor | None = None):
+    """A torch.nn RNN/LSTM/GRU stack in plain PyTorch (no dropout): what the layers compute.
+
+    ``x`` is ``[T, B, I]`` (time-major), ``params`` the module's parameters by torch.nn's names
+    (``weight_ih_l0``, ``bias_hh_l1_reverse``, ``weight_hr_l0``...; biases may be absent),
+    ``hx`` torch.nn's ``h0`` (or ``(h0, c0)`` for an LSTM) or None for zeros, ``lengths`` [B]
+    the valid steps per sequence (any order) or None. Returns ``(y [T, B, D*P], h_n [L*D, B, P],
+    c_n [L*D, B, H] | None)``; ``y`` past a sequence's length holds carried states, which a packed
+    output leaves out.
+
+    Each layer feeds the next; direction d's input projection is ``x W_ih^T + b_ih`` plus the
+    parts of ``b_hh`` that sit outside the reset gate (all of it but ``b_hn`` for a GRU).
+    """
+    D = 2 if bidirectional else 1
+    G = {RNN_TANH: 1, RNN_RELU: 1, LSTM: 4, GRU: 3}[mode]
+    T, B, _ = x.shape
+    H = params["weight_hh_l0"].shape[0] // G
+    P = params["weight_hh_l0"].shape[1]     # H, or proj_size
+    h0, c0 = (hx if isinstance(hx, tuple) else (hx, None)) if hx is not None else (None, None)
+    if h0 is None:
+        h0 = x.new_zeros(num_layers * D, B, P)
+    if mode == LSTM and c0 is None:
+        c0 = x.new_zeros(num_layers * D, B, H)
+    h_n, c_n = [], []
+    inp = x
+    for layer in range(num_layers):
+        xgs, w_hh, b_hn, w_hr = [], [], [], []
+        for d in range(D):
+            sfx = f"l{layer}" + ("_reverse" if d else "")
+            b_ih = params.get(f"bias_ih_{sfx}")
+            b_hh = params.get(f"bias_hh_{sfx}")
+            xg = inp @ params[f"weight_ih_{sfx}"].t()
+            if b_ih is not None:
+                xg = xg + b_ih
+            if b_hh is not None:
+                if mode == GRU:
+                    xg = xg + torch.cat([b_hh[:2 * H], b_hh.new_zeros(H)])
+                    b_hn.append(b_hh[2 * H:])
+                else:
+                    xg = xg + b_hh
+            xgs.append(xg)
+            w_hh.append(params[f"weight_hh_{sfx}"])
+            if f"weight_hr_{sfx}" in params:
+                w_hr.append(params[f"weight_hr_{sfx}"])
+        assert all(t.shape[-1] == G * H for t in xgs)
+        rows = slice(layer * D, (layer + 1) * D)
+        y, hn, cn = recurrence_reference(
+            mode, torch.cat(xgs, dim=-1), h0[rows], None if c0 is None else c0[rows],
+            torch.stack(w_hh), torch.stack(b_hn) if b_hn else None,
+            torch.stack(w_hr) if w_hr else None, lengths)
+        h_n.append(hn)
+        if cn is not None:
+            c_n.append(cn)
+        inp = y
+    return inp, torch.cat(h_n), (torch.cat(c_n) if c_n else None)

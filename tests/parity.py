@@ -13,6 +13,7 @@ noise; on a GPU they include cuDNN's and fastrnn's different summation orders an
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 
@@ -20,16 +21,92 @@ import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastrnn
-from fastrnn.ops.select import LAUNCHES
+from fastrnn.ops import select
+from fastrnn.ops.select import LAUNCHES, force_strategy
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KINDS = ("padded", "packed_sorted", "packed_unsorted", "unbatched")
 ULPS = 64  # the floor, in units of the dtype's epsilon times the tensor's largest magnitude
+STRATEGIES = ("persistent", "stepwise", "cooperative")
+TORCH_RNN_OPS = ("lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell", "gru_cell", "rnn_tanh_cell",
+                 "rnn_relu_cell")
 
 
-def launches(direction: str | None = None) -> int:
-    """fastrnn kernel launches so far, of one direction of the pass ("fwd", "bwd") or both."""
-    return sum(n for (_, d), n in LAUNCHES.items() if direction in (None, d))
+def launches(direction: str | None = None, strategy: str | None = None) -> int:
+    """fastrnn kernel launches counted where they happen (``select.launch_kernel`` and the
+    stepwise fast launcher), of one pass ("fwd", "bwd") or both, one strategy or all."""
+    return select.launch_counts(strategy, direction)
+
+
+def _grown(before: collections.Counter) -> dict:
+    """Kernels launched since ``before``, by name; every name must belong to a strategy."""
+    grown = {k: n - before.get(k, 0) for k, n in LAUNCHES.items() if n != before.get(k, 0)}
+    known = {k for s in STRATEGIES for k in select.strategy_kernels(s)}
+    assert set(grown) <= known, f"kernels no strategy declares launched: {set(grown) - known}"
+    return grown
+
+
+@contextlib.contextmanager
+def strategy_runs(strategy: str, backward: bool | None = None):
+    """Force ``strategy`` inside the block and check that it ran: torch's RNN ops refused, its
+    forward kernels launched (and its backward kernels, with ``backward=True``; none with
+    ``backward=False``), and no other strategy's kernel did."""
+    before = collections.Counter(LAUNCHES)
+    with force_strategy(strategy), refusing_torch_rnn():
+        yield
+    grown = _grown(before)
+    others = {k: n for k, n in grown.items() if k not in select.strategy_kernels(strategy)}
+    assert not others, f"forced {strategy!r}, but other strategies' kernels ran: {others}"
+    fwd = sum(grown.get(k, 0) for k in select.strategy_kernels(strategy, "fwd"))
+    bwd = sum(grown.get(k, 0) for k in select.strategy_kernels(strategy, "bwd"))
+    assert fwd > 0, f"forced {strategy!r}, but none of its forward kernels launched"
+    if backward is not None:
+        assert (bwd > 0) == backward, f"{strategy!r} backward kernels launched: {bwd}"
+
+
+@contextlib.contextmanager
+def refusing_torch_rnn():
+    """torch's fused RNN ops (cuDNN's and ATen's: what torch.nn's RNN modules and cells call)
+    raise inside the block."""
+    from torch import _VF
+
+    saved = []
+
+    def refuse(name):
+        def op(*args, **kwargs):
+            raise AssertionError(f"torch's RNN op {name!r} ran where fastrnn's kernels should")
+        return op
+
+    for namespace in (_VF, torch):
+        for name in TORCH_RNN_OPS:
+            saved.append((namespace, name, namespace.__dict__.get(name, _MISSING)))
+            setattr(namespace, name, refuse(name))
+    try:
+        yield
+    finally:
+        for namespace, name, value in reversed(saved):
+            if value is _MISSING:
+                delattr(namespace, name)
+            else:
+                setattr(namespace, name, value)
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def through_kernels(backward: bool = True):
+    """The block runs fastrnn's kernels, not torch.nn's: torch's RNN ops refused, and kernel
+    launches grew, forward (and backward, with ``backward=True``)."""
+    before = collections.Counter(LAUNCHES)
+    with refusing_torch_rnn():
+        yield
+    grown = _grown(before)
+    fwd = sum(grown.get(k, 0) for s in STRATEGIES for k in select.strategy_kernels(s, "fwd"))
+    bwd = sum(grown.get(k, 0) for s in STRATEGIES for k in select.strategy_kernels(s, "bwd"))
+    assert fwd > 0, "no fastrnn forward kernel launched"
+    if backward:
+        assert bwd > 0, "no fastrnn backward kernel launched"
 
 
 def make_pair(cls_name: str, *args, seed: int = 0, ref_device: str | None = None, **kwargs):
@@ -169,18 +246,31 @@ def assert_close_to_truth(got: dict, want: dict, truth: dict, factor: float = 2.
             f"torch.nn's ({err_torch:.3g}) and the floor {floor:.3g}")
 
 
-def assert_matches_torch(fast, ref, build, leaves, **kwargs) -> dict:
-    """Run fastrnn, torch.nn and the float64 truth on the same inputs and upstream gradients;
-    check fastrnn against torch.nn's own error. Returns fastrnn's results."""
+def _kernels_ran(strategy: str | None, backward: bool, kernels: bool = True):
+    if not kernels:
+        return contextlib.nullcontext()
+    if strategy:
+        return strategy_runs(strategy, backward=backward)
+    return through_kernels(backward=backward)
+
+
+def assert_matches_torch(fast, ref, build, leaves, strategy: str | None = None,
+                         kernels: bool = True, **kwargs) -> dict:
+    """Run fastrnn (with ``strategy`` forced, if given), torch.nn and the float64 truth on the
+    same inputs and upstream gradients; check fastrnn against torch.nn's own error, and that
+    fastrnn's run went through its kernels (``kernels=False``: a test of what runs without
+    them). Returns fastrnn's results."""
     truth_module = exact_twin(ref)  # before any forward: parametrized weights deepcopy then
-    got = run(fast, build, leaves)
+    with _kernels_ran(strategy, True, kernels):
+        got = run(fast, build, leaves)
     want = run(ref, build, leaves)
     truth = run(truth_module, build, leaves)
     assert_close_to_truth(got, want, truth, **kwargs)
     return got
 
 
-def assert_forward_matches_torch(fast, ref, *inputs, ulps: float = ULPS):
+def assert_forward_matches_torch(fast, ref, *inputs, ulps: float = ULPS,
+                                 strategy: str | None = None):
     """No-grad forward of fastrnn and torch.nn against float64 truth (outputs and states, NaN and
     infinities where torch.nn has them)."""
     def flat(module, args):
@@ -197,7 +287,9 @@ def assert_forward_matches_torch(fast, ref, *inputs, ulps: float = ULPS):
         return {"output": out, **({"h_n": hidden[0], "c_n": hidden[1]} if isinstance(hidden, tuple)
                                   else {"h_n": hidden})}
 
-    got, want, truth = flat(fast, inputs), flat(ref, inputs), flat(exact_twin(ref), inputs)
+    with _kernels_ran(strategy, False):
+        got = flat(fast, inputs)
+    want, truth = flat(ref, inputs), flat(exact_twin(ref), inputs)
     for key in want:
         nan = truth[key].isnan()
         assert torch.equal(got[key].isnan().cpu(), want[key].isnan().cpu()), key

@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import fastrnn
 from tests.parity import (DEVICE, assert_close_to_truth, assert_forward_matches_torch,
                           assert_matches_torch, exact_twin, full_fp32, launches, make_inputs,
-                          make_pair, run)
+                          make_pair, run, through_kernels)
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -74,10 +74,9 @@ def test_convert_trains_like_torch(rnn_type):
     assert [id(p) for p in model.parameters()] == params_before
     assert all(a is b for a, b in zip(opt_params, model.parameters()))
     assert model.rnn.proj_size == ref.rnn.proj_size and model.rnn.dropout == ref.rnn.dropout
-    before = launches()
     with full_fp32():  # trajectories diverge at TF32's precision (cuDNN's default for fp32)
-        got = _train(model)
-        assert launches() > before
+        with through_kernels(backward=True):
+            got = _train(model)
         want = _train(ref)
     assert got == pytest.approx(want, rel=1e-5, abs=1e-5)
     for a, b in zip(model.parameters(), ref.parameters()):
@@ -97,7 +96,8 @@ def test_convert_keeps_hooks_mode_dtype_and_round_trips():
     lstm = model[0]
     assert type(lstm) is fastrnn.LSTM and not lstm.training
     assert lstm.weight_hh_l0.dtype == torch.float64 and lstm.batch_first and lstm.proj_size == 3
-    got = model(x)[0]
+    with through_kernels(backward=False):
+        got = model(x)[0]
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
     assert calls == [nn.LSTM, fastrnn.LSTM]
     handle.remove()
@@ -362,15 +362,28 @@ def _onnx_ops(layer, x, dynamo):
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
                             "ignore::FutureWarning")
+def _require(module: str):
+    """Import ``module``: the test extras install it, so its absence fails the test unless
+    FASTRNN_ALLOW_MISSING names it (as bench/gpu_run.sh does on an image without it)."""
+    allowed = os.environ.get("FASTRNN_ALLOW_MISSING", "").replace(",", " ").split()
+    try:
+        __import__(module)
+    except ImportError:
+        if module in allowed:
+            pytest.skip(f"{module} is not installed (allowed by FASTRNN_ALLOW_MISSING)")
+        pytest.fail(f"{module} is not installed: pip install -e '.[test]' (or set "
+                    f"FASTRNN_ALLOW_MISSING={module} to skip)")
+
+
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
 @pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
 def test_onnx_export_goes_through_torch_nn(name, dynamo):
     """The ONNX graph of a fastrnn layer is torch.nn's: the standard ONNX RNN/LSTM/GRU operator
     wherever torch.nn's export produces it (both exporters for LSTM and GRU; the dynamo exporter
     writes torch.nn's RNN as MatMul and Tanh)."""
-    pytest.importorskip("onnx")
+    _require("onnx")
     if dynamo:
-        pytest.importorskip("onnxscript")
+        _require("onnxscript")
     x = torch.randn(5, 3, 4)
     kwargs = dict(num_layers=2, bidirectional=True)
     before = launches()

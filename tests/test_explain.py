@@ -1,5 +1,6 @@
 """fastrnn.explain and python -m fastrnn explain: what a layer runs, checked against what runs."""
 
+import collections
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 import fastrnn
-from tests.parity import DEVICE, launches
+from tests.parity import DEVICE, strategy_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(os.path.dirname(__import__("triton").__file__), "backends", "nvidia", "bin")
@@ -19,23 +20,56 @@ KEYS = {"strategy", "launches_forward", "launches_backward", "shared_memory_byte
         "precision"}
 
 
-@pytest.mark.parametrize("name,kwargs,T", [
-    ("LSTM", dict(num_layers=2, bidirectional=True), 5),
-    ("GRU", dict(), 4),
-    ("LSTM", dict(proj_size=2), 3),
-])
-def test_explain_matches_what_the_layer_launches(name, kwargs, T):
+EXPLAINED = [  # name, kwargs, T, strategy, (forward, backward) launches per layer
+    ("LSTM", dict(num_layers=2, bidirectional=True), 5, "persistent", (1, 1)),
+    ("GRU", dict(), 4, "persistent", (1, 1)),
+    ("LSTM", dict(num_layers=2, bidirectional=True), 5, "stepwise", (5, 11)),
+    ("RNN", dict(), 4, "stepwise", (4, 9)),
+    ("LSTM", dict(proj_size=2), 3, "stepwise", (6, 7)),
+    ("LSTM", dict(num_layers=2), 5, "cooperative", (1, 1)),
+    ("GRU", dict(bidirectional=True), 4, "cooperative", (1, 1)),
+    ("GRU", dict(bidirectional=True), 4, "cooperative-sliced", (4, 5)),  # stepped: 3 slices
+]
+
+
+@pytest.mark.parametrize("name,kwargs,T,strategy,per_layer", EXPLAINED,
+                         ids=[f"{c[0]}-{c[3]}-{i}" for i, c in enumerate(EXPLAINED)])
+def test_explain_matches_what_the_layer_launches(name, kwargs, T, strategy, per_layer,
+                                                 monkeypatch, request):
+    """explain's strategy, kernels and launch figures against the launches counted where they
+    happen, for every strategy (forced: the interpreter runs all three)."""
+    from fastrnn.ops import cooperative, select
+
+    if strategy == "cooperative-sliced":  # several programs per group: one launch per step here
+        if DEVICE != "cpu":
+            pytest.skip("one launch per layer on a GPU (tests/ops/test_recurrence.py)")
+        monkeypatch.setattr(cooperative, "INTERPRETER_SLICE", 2)
+        select.plan.cache_clear()
+        request.addfinalizer(select.plan.cache_clear)
+        strategy = "cooperative"
     layer = getattr(fastrnn, name)(3, 6, **kwargs).to(DEVICE)
     x = torch.randn(T, 2, 3, device=DEVICE, requires_grad=True)
-    rows = fastrnn.explain(layer, x)
+    with fastrnn.force_strategy(strategy):
+        rows = fastrnn.explain(layer, x)
     assert [r["layer"] for r in rows] == list(range(layer.num_layers))
     assert all(KEYS <= set(r) for r in rows)
-    before_fwd = launches("fwd")
-    out, _ = layer(x)
-    mid = launches("fwd"), launches("bwd")
-    out.sum().backward()
-    assert mid[0] - before_fwd == sum(r["launches_forward"] for r in rows)
-    assert launches("bwd") - mid[1] == sum(r["launches_backward"] for r in rows)
+    assert {r["strategy"] for r in rows} == {strategy}
+    assert {r["precision"] for r in rows} == {"ieee" if DEVICE == "cpu" else "tf32"}
+    if DEVICE == "cpu":
+        assert [(r["launches_forward"], r["launches_backward"]) for r in rows] == \
+            [per_layer] * layer.num_layers
+    before = collections.Counter(select.LAUNCHES)
+    with strategy_runs(strategy, backward=True):
+        out, _ = layer(x)
+        mid = collections.Counter(select.LAUNCHES)
+        out.sum().backward()
+    fwd = {k: n - before[k] for k, n in mid.items() if n != before[k]}
+    bwd = {k: n - mid[k] for k, n in select.LAUNCHES.items() if n != mid[k]}
+    assert sum(fwd.values()) == sum(r["launches_forward"] for r in rows)
+    assert sum(bwd.values()) == sum(r["launches_backward"] for r in rows)
+    # The kernels explain names are the kernels that ran.
+    named = {k["kernel"] for r in rows for k in r["kernels"]}
+    assert named == set(fwd) | set(bwd)
 
 
 def test_explain_says_when_torch_runs(monkeypatch):

@@ -14,7 +14,7 @@ from torch.func import functional_call, grad, jacfwd, jacrev, stack_module_state
 
 import fastrnn
 from fastrnn.ops.select import force_strategy
-from tests.parity import DEVICE, launches
+from tests.parity import DEVICE, launches, strategy_runs, through_kernels
 
 MODULES = {  # id -> (class name, constructor kwargs)
     "rnn_tanh": ("RNN", dict(num_layers=2, bidirectional=True)),
@@ -29,6 +29,13 @@ CELLS = {"rnn_cell": ("RNNCell", {}), "lstm_cell": ("LSTMCell", {}), "gru_cell":
 def _module(name, kwargs, I=3, H=4):
     torch.manual_seed(0)
     return getattr(fastrnn, name)(I, H, **kwargs).to(DEVICE).double()
+
+
+def _torch_twin(name, kwargs, fast, I=3, H=4):
+    """torch.nn's module with fastrnn's weights, on the CPU in float64: the oracle."""
+    ref = getattr(nn, name)(I, H, **kwargs).double()
+    ref.load_state_dict({k: v.cpu() for k, v in fast.state_dict().items()})
+    return ref
 
 
 @pytest.mark.parametrize("which", list(MODULES))
@@ -90,16 +97,24 @@ def test_batched_gradients_through_torch_func_are_one_launch(which):
     cotangents = [torch.randn(4, *o.shape, generator=g, dtype=torch.float64).to(DEVICE)
                   for o in outs]
     cot = tuple(cotangents) if isinstance(out, tuple) else cotangents[0]
-    before = launches("bwd")
+    before = launches("bwd", "persistent")
     got_p, got_x = vmap(vjp_fn)(cot)
     # Small sizes run the persistent strategy: one backward launch per layer, all four included.
+    assert launches("bwd", "persistent") - before == getattr(m, "num_layers", 1)
     assert launches("bwd") - before == getattr(m, "num_layers", 1)
+    # The oracle: torch.nn's module, one vjp per upstream gradient.
+    ref = _torch_twin(name, kwargs, m)
+    ref_params = dict(ref.named_parameters())
     for i in range(4):
-        one = tuple(c[i] for c in cotangents) if isinstance(out, tuple) else cotangents[0][i]
-        want_p, want_x = vjp_fn(one)
-        torch.testing.assert_close(got_x[i], want_x, atol=1e-12, rtol=1e-12)
-        for k in want_p:
-            torch.testing.assert_close(got_p[k][i], want_p[k], atol=1e-12, rtol=1e-12)
+        xi = x.cpu().clone().requires_grad_()
+        ref_out = ref(xi)
+        ref_outs = ref_out if cell and isinstance(ref_out, tuple) else (
+            ref_out if cell else ref_out[0],)
+        wants = torch.autograd.grad(ref_outs, [xi, *ref_params.values()],
+                                    [c[i].cpu() for c in cotangents])
+        torch.testing.assert_close(got_x[i].cpu(), wants[0], atol=1e-12, rtol=1e-12)
+        for k, want in zip(ref_params, wants[1:]):
+            torch.testing.assert_close(got_p[k][i].cpu(), want, atol=1e-12, rtol=1e-12, msg=k)
 
 
 class Classifier(nn.Module):
@@ -128,15 +143,20 @@ def test_per_sample_gradients_equal_a_loop_of_single_samples():
     def loss(p, xi, ti):
         return nn.functional.cross_entropy(functional_call(model, p, (xi,)), ti)
 
-    before = launches("fwd"), launches("bwd")
+    before = launches("fwd", "persistent"), launches("bwd", "persistent"), launches()
     per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, target)
     # Two layers: one forward and one backward launch each (persistent), for all six samples.
-    assert (launches("fwd") - before[0], launches("bwd") - before[1]) == (2, 2)
+    assert (launches("fwd", "persistent") - before[0],
+            launches("bwd", "persistent") - before[1], launches() - before[2]) == (2, 2, 4)
+    # The oracle: the same classifier on torch.nn's LSTM, one backward per sample.
+    ref = Classifier(nn.LSTM).double()
+    ref.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
     for i in range(6):
-        model.zero_grad()
-        nn.functional.cross_entropy(model(x[i]), target[i]).backward()
-        for k, p in model.named_parameters():
-            torch.testing.assert_close(per_sample[k][i], p.grad, atol=1e-10, rtol=1e-10)
+        ref.zero_grad()
+        nn.functional.cross_entropy(ref(x[i].cpu()), target[i].cpu()).backward()
+        for k, p in ref.named_parameters():
+            torch.testing.assert_close(per_sample[k][i].cpu(), p.grad, atol=1e-10, rtol=1e-10,
+                                       msg=k)
 
 
 def test_ensemble_through_stack_module_state_equals_a_loop():
@@ -150,19 +170,22 @@ def test_ensemble_through_stack_module_state_equals_a_loop():
     def run(p, b, xi):
         return functional_call(base, (p, b), (xi,))[0]
 
-    got = vmap(run, in_dims=(0, 0, None))(params, buffers, x)
-    for i, m in enumerate(models):
-        torch.testing.assert_close(got[i], m(x)[0], atol=1e-12, rtol=1e-12)
+    with through_kernels(backward=False):
+        got = vmap(run, in_dims=(0, 0, None))(params, buffers, x)
+    # The oracle: each model's torch.nn twin.
+    refs = [_torch_twin("GRU", dict(bidirectional=True), m) for m in models]
+    for i, ref in enumerate(refs):
+        torch.testing.assert_close(got[i].cpu(), ref(x.cpu())[0], atol=1e-12, rtol=1e-12)
 
     def loss(p, b, xi):
         return run(p, b, xi).pow(2).sum()
 
-    grads = vmap(grad(loss), in_dims=(0, 0, None))(params, buffers, x)
-    for i, m in enumerate(models):
-        m.zero_grad()
-        m(x)[0].pow(2).sum().backward()
-        for k, p in m.named_parameters():
-            torch.testing.assert_close(grads[k][i], p.grad, atol=1e-10, rtol=1e-10)
+    with through_kernels(backward=True):
+        grads = vmap(grad(loss), in_dims=(0, 0, None))(params, buffers, x)
+    for i, ref in enumerate(refs):
+        ref(x.cpu())[0].pow(2).sum().backward()
+        for k, p in ref.named_parameters():
+            torch.testing.assert_close(grads[k][i].cpu(), p.grad, atol=1e-10, rtol=1e-10, msg=k)
 
 
 @pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
@@ -172,11 +195,12 @@ def test_vmap_of_a_layer_is_one_launch(name):
     torch.manual_seed(0)
     layer = getattr(fastrnn, name)(3, 4).to(DEVICE).double()
     xs = torch.randn(4, 5, 2, 3, dtype=torch.float64, device=DEVICE)  # 4 calls of [T=5, B=2]
-    before = launches("fwd")
+    before = launches("fwd", "persistent"), launches()
     out = vmap(lambda x: layer(x)[0])(xs)
-    assert launches("fwd") - before == 1
+    assert (launches("fwd", "persistent") - before[0], launches() - before[1]) == (1, 1)
+    ref = _torch_twin(name, {}, layer)
     for i in range(4):
-        torch.testing.assert_close(out[i], layer(xs[i])[0], atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(out[i].cpu(), ref(xs[i].cpu())[0], atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("strategy", ["persistent", "stepwise", "cooperative"])
@@ -190,8 +214,9 @@ def test_jacobians_match_torch(name, kwargs, strategy):
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(3, 2, 2, dtype=torch.float64)
     want = torch.autograd.functional.jacobian(lambda xx: ref(xx)[0], x)
-    with force_strategy(strategy):
+    with strategy_runs(strategy, backward=True):
         got_rev = jacrev(lambda xx: fast(xx)[0])(x.to(DEVICE))
+    with force_strategy(strategy):
         got_fwd = jacfwd(lambda xx: fast(xx)[0])(x.to(DEVICE))
     torch.testing.assert_close(got_rev.cpu(), want, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(got_fwd.cpu(), want, atol=1e-10, rtol=1e-10)

@@ -15,10 +15,10 @@ import torch
 from torch.nn.utils.rnn import pack_sequence
 
 import fastrnn
-from fastrnn.ops.select import force_strategy
-from tests.parity import (DEVICE, KINDS, assert_close_to_truth, assert_forward_matches_torch,
-                          assert_matches_torch, assert_parity, exact_twin, launches, make_inputs,
-                          make_pair, run)
+from tests.parity import (DEVICE, KINDS, STRATEGIES, assert_close_to_truth,
+                          assert_forward_matches_torch, assert_matches_torch, assert_parity,
+                          exact_twin, make_inputs, make_pair, refusing_torch_rnn, run,
+                          strategy_runs, through_kernels)
 
 I, H, P, T, B = 5, 7, 3, 4, 3
 
@@ -29,7 +29,6 @@ CELLS = {  # id -> (torch.nn class name, extra constructor kwargs)
     "lstm_proj": ("LSTM", {"proj_size": P}),
     "gru": ("GRU", {}),
 }
-STRATEGIES = ("persistent", "stepwise", "cooperative")
 # Every strategy with every cell it runs (cooperative has no proj_size).
 STRATEGY_CELLS = [(s, c) for s in STRATEGIES for c in CELLS
                   if not (s == "cooperative" and c == "lstm_proj")]
@@ -90,8 +89,7 @@ def test_parity_awkward_sizes(cell, I_, H_, P_, T_, B_, strategy, bidir):
     fast, ref = make_pair(name, I_, H_, **kwargs)
     kind = "packed_unsorted" if B_ > 1 else "padded"
     build, leaves = make_inputs(ref, kind, T_, B_, with_hx=True)
-    with force_strategy(strategy):
-        assert_matches_torch(fast, ref, build, leaves)
+    assert_matches_torch(fast, ref, build, leaves, strategy=strategy)
 
 
 @pytest.mark.parametrize("cell", list(CELLS))
@@ -154,8 +152,7 @@ def test_nan_propagates_like_torch(cell, strategy):
     x = torch.randn(T, B, I)
     x[1, 0, 2] = math.nan
     x[2, 2, 0] = math.inf
-    with force_strategy(strategy):
-        assert_forward_matches_torch(fast, ref, x)
+    assert_forward_matches_torch(fast, ref, x, strategy=strategy)
 
 
 @pytest.mark.parametrize("cell", list(CELLS))
@@ -177,28 +174,31 @@ def test_fp16_error_within_2x_of_torch(cell, strategy):
     ref.half()
     truth_module = exact_twin(ref)  # float64 with the same (fp16-rounded) weights
     build, leaves = make_inputs(ref, "packed_unsorted", 6, B, with_hx=True, dtype=torch.float16)
-    with force_strategy(strategy):
+    with strategy_runs(strategy, backward=True):
         got = run(fast, build, leaves)
     assert_close_to_truth(got, run(ref, build, leaves), run(truth_module, build, leaves), ulps=2)
 
 
-def test_kernels_ran_not_torch(monkeypatch):
-    """The Triton path launches fastrnn's kernels and never calls torch's fused RNN ops."""
-    from torch import _VF
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("torch's fused RNN op was called")
-
-    for op in ("lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell", "gru_cell", "rnn_tanh_cell",
-               "rnn_relu_cell"):
-        monkeypatch.setattr(_VF, op, refuse)
+def test_kernels_ran_not_torch():
+    """The Triton path launches fastrnn's kernels, forward and backward, and never calls torch's
+    fused RNN ops."""
     for cell in CELLS:
         name, kwargs = _module_kwargs(cell, num_layers=2, bidirectional=True)
         fast = getattr(fastrnn, name)(I, H, **kwargs).to(DEVICE)
-        before = launches()
-        out, _ = fast(torch.randn(T, B, I, device=DEVICE, requires_grad=True))
-        mid = launches()
-        out.sum().backward()
-        assert mid > before, "forward launched no fastrnn kernel"
-        assert launches() > mid, "backward launched no fastrnn kernel"
+        with through_kernels(backward=True):
+            out, _ = fast(torch.randn(T, B, I, device=DEVICE, requires_grad=True))
+            out.sum().backward()
         assert all(p.grad is not None for p in fast.parameters())
+
+
+def test_torch_rnn_ops_are_refused_inside_the_checks():
+    """The checks above can fail: torch.nn's own layer inside them raises, and no launch fails
+    the launch check."""
+    ref = torch.nn.LSTM(I, H)
+    with pytest.raises(AssertionError, match="torch's RNN op 'lstm'"):
+        with refusing_torch_rnn():
+            ref(torch.randn(T, B, I))
+    ref(torch.randn(T, B, I))  # restored afterwards
+    with pytest.raises(AssertionError, match="no fastrnn forward kernel launched"):
+        with through_kernels(backward=False):
+            pass

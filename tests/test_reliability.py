@@ -11,8 +11,9 @@ import torch
 from torch.nn.utils.rnn import PackedSequence
 
 import fastrnn
-from tests.parity import (DEVICE, assert_forward_matches_torch, assert_parity, make_inputs,
-                          make_pair, run)
+from tests.parity import (DEVICE, assert_forward_matches_torch, assert_matches_torch,
+                          assert_parity, make_inputs, make_pair, run, strategy_runs,
+                          through_kernels)
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 I, H = 4, 6
@@ -63,13 +64,15 @@ def test_packed_sequence_misuse(cell, case):
 @pytest.mark.parametrize("rows,batch_sizes", [(6, [3, 2]), (3, [3, 0])],
                          ids=["extra-rows", "zero-size-step"])
 def test_packed_sequences_torch_accepts_give_the_same_result(cell, rows, batch_sizes):
+    """Odd PackedSequences torch.nn accepts (more data rows than batch_sizes cover, a step of no
+    rows): fastrnn's output, h_n, c_n and every gradient as torch.nn's."""
     fast, ref = make_pair(cell, I, H, ref_device="cpu")
-    packed = _packed(rows, batch_sizes)
-    with torch.no_grad():
-        got, want = fast(_on(packed, DEVICE)), ref(packed)
-    torch.testing.assert_close(got[0].data.cpu(), want[0].data, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got[1][0].cpu() if cell == "LSTM" else got[1].cpu(),
-                               want[1][0] if cell == "LSTM" else want[1], atol=1e-5, rtol=1e-5)
+    data = _packed(rows, batch_sizes).data
+
+    def build(leaves):
+        return PackedSequence(leaves[0], torch.tensor(batch_sizes)), None
+
+    assert_matches_torch(fast, ref, build, [data])
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -86,34 +89,66 @@ def test_nan_and_inf_in_states_propagate_like_torch(cell):
     assert_forward_matches_torch(fast, ref, x, hx)
 
 
-@pytest.mark.parametrize("strategy", ["persistent", "stepwise"])
+@pytest.mark.parametrize("strategy", ["persistent", "stepwise", "cooperative"])
 def test_bitwise_deterministic(strategy):
-    """Same inputs, bitwise-identical outputs and gradients, run after run (no atomics)."""
-    fast, ref = make_pair("LSTM", I, H, num_layers=2, bidirectional=True, proj_size=3)
+    """Same inputs, bitwise-identical outputs and gradients, run after run (no atomics; the
+    cooperative barrier orders steps, never sums)."""
+    proj = {} if strategy == "cooperative" else dict(proj_size=3)  # cooperative: no proj_size
+    fast, ref = make_pair("LSTM", I, H, num_layers=2, bidirectional=True, **proj)
     build, leaves = make_inputs(ref, "packed_unsorted", 5, 3, with_hx=True)
     results = []
     for _ in range(3):
         for p in fast.parameters():
             p.grad = None
-        with fastrnn.force_strategy(strategy):
+        with strategy_runs(strategy, backward=True):
             results.append(run(fast, build, leaves))
     for other in results[1:]:
         for key in results[0]:
             assert torch.equal(results[0][key], other[key]), key
 
 
-def _live_tensors():
+def _live_tensors() -> tuple[int, int]:
+    """(live tensors Python can reach, bytes of their distinct storages)."""
     gc.collect()
     with warnings.catch_warnings():  # isinstance() on every object touches deprecated aliases
         warnings.simplefilter("ignore")
-        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+        tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    storages = {}
+    for t in tensors:
+        try:
+            s = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # tensors without storage (functorch, meta)
+            continue
+        storages[(t.device, s.data_ptr())] = s.nbytes()
+    return len(tensors), sum(storages.values())
+
+
+def _heap_bytes() -> int:
+    """Bytes the C heap has handed out (glibc's mallinfo2: small blocks plus mmapped ones): CPU
+    tensors live there, also those only C++ holds. 0 where glibc is not the allocator."""
+    import ctypes
+    import ctypes.util
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+            "fordblks", "keepcost")]
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallinfo2.restype = MallInfo2
+    except (OSError, AttributeError, TypeError):
+        return 0
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
 
 
 @pytest.mark.parametrize("cell", ["LSTM", "GRU"])
 def test_training_loop_holds_steady_memory(cell):
-    """A long training loop keeps no reference to anything per step: the number of live tensors
-    stays flat, and on a GPU so do the allocated bytes over the second half of the loop (a leak
-    grows with the steps; a workspace allocated once, late, does not)."""
+    """A long training loop keeps nothing per step: the live tensors Python can reach and the
+    bytes of their storages stay flat, and so do the bytes allocated over the second half of the
+    loop (on a GPU torch's allocator; on the CPU the C heap, where a leak of the layer's size per
+    call stands out from the allocator's noise). A workspace allocated once, late, is flat too."""
     steps = 1000 if DEVICE == "cuda" else 150
     torch.manual_seed(0)
     model = getattr(fastrnn, cell)(3, 4, num_layers=2, bidirectional=True).to(DEVICE)
@@ -121,17 +156,22 @@ def test_training_loop_holds_steady_memory(cell):
     x = torch.randn(3, 2, 3, device=DEVICE)
     marks = {}
     checkpoints = (steps // 5, steps // 2, steps - 1)
-    for step in range(steps):
-        opt.zero_grad()
-        out, _ = model(x)
-        out.pow(2).mean().backward()
-        opt.step()
-        if step in checkpoints:
-            mem = torch.cuda.memory_allocated() if DEVICE == "cuda" else 0
-            marks[step] = (_live_tensors(), mem)
-    tensors = [marks[c][0] for c in checkpoints]
-    assert tensors == [tensors[0]] * 3
-    assert marks[checkpoints[2]][1] == marks[checkpoints[1]][1]
+    with through_kernels(backward=True):
+        for step in range(steps):
+            opt.zero_grad()
+            out, _ = model(x)
+            out.pow(2).mean().backward()
+            opt.step()
+            if step in checkpoints:
+                mem = torch.cuda.memory_allocated() if DEVICE == "cuda" else _heap_bytes()
+                marks[step] = (*_live_tensors(), mem)
+    live = [marks[c][:2] for c in checkpoints]
+    assert live == [live[0]] * 3, "live tensors (count, bytes) at 20%, 50%, 100% of the loop"
+    grown = marks[checkpoints[2]][2] - marks[checkpoints[1]][2]
+    if DEVICE == "cuda":
+        assert grown == 0, f"{grown} bytes allocated over the second half of the loop"
+    else:
+        assert grown < 4 << 20, f"the heap grew {grown / 2**20:.1f} MiB over the second half"
 
 
 def test_threads_give_sequential_results():

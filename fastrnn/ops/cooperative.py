@@ -485,7 +485,10 @@ def _launch_state(the_plan: Plan, D: int, device: torch.device):
     return nj, nbt, on_gpu, stepped, flags, err
 
 
-def forward(a: ForwardArgs, the_plan: Plan) -> int:
+KERNELS = {"fwd": ("_recurrence_fwd_coop_kernel",), "bwd": ("_recurrence_bwd_coop_kernel",)}
+
+
+def forward(a: ForwardArgs, the_plan: Plan) -> None:
     check_errors()
     cfg = the_plan.config("_recurrence_fwd_coop_kernel")
     device = a.y.device
@@ -493,7 +496,6 @@ def forward(a: ForwardArgs, the_plan: Plan) -> int:
     hbuf = torch.empty(2, a.D, a.B, a.H, device=device, dtype=a.y.dtype)
     hbuf[0].copy_(a.h0)
     cbuf = a.c0.to(acc_dtype(a.y.dtype)).contiguous().clone() if a.is_lstm else None
-    launches = 0
     for first, last in _steps(a.T, stepped):
         launch_kernel(
             _recurrence_fwd_coop_kernel, (nj, nbt, a.D),
@@ -507,16 +509,14 @@ def forward(a: ForwardArgs, the_plan: Plan) -> int:
             BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, BLOCK_N=BLOCK_N,
             BLOCK_J=max(2, triton.next_power_of_2(nj)), SYNC=on_gpu,
             **_launch_options(cfg, on_gpu))
-        launches += 1
     # The final states: the last slot written (rows past their length carried theirs).
     a.hn.copy_(hbuf[a.T % 2])
     if a.is_lstm:
         a.cn.copy_(cbuf)
     _watch(err, "forward")
-    return launches
 
 
-def backward(b: BackwardArgs, the_plan: Plan) -> int:
+def backward(b: BackwardArgs, the_plan: Plan) -> None:
     check_errors()
     cfg = the_plan.config("_recurrence_bwd_coop_kernel")
     device = b.dy.device
@@ -525,7 +525,6 @@ def backward(b: BackwardArgs, the_plan: Plan) -> int:
     gbuf = torch.zeros(2, b.D, b.B, b.G * b.H, device=device, dtype=b.dgx.dtype)
     dhbuf = b.dhn.to(acc).contiguous().clone()
     dcbuf = b.dcn.to(acc).contiguous().clone() if b.is_lstm else None
-    launches = 0
     for k_begin, k_end in _steps(b.T, stepped, finish=True):
         launch_kernel(
             _recurrence_bwd_coop_kernel, (nj, nbt, b.D),
@@ -539,6 +538,4 @@ def backward(b: BackwardArgs, the_plan: Plan) -> int:
             PRECISION=b.precision, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, BLOCK_N=BLOCK_N,
             BLOCK_J=max(2, triton.next_power_of_2(nj)), SYNC=on_gpu,
             **_launch_options(cfg, on_gpu))
-        launches += 1
     _watch(err, "backward")
-    return launches

@@ -276,7 +276,11 @@ def plan(problem: Problem, spec: DeviceSpec) -> Plan:
     return Plan("persistent", (fwd, bwd), grid=(triton.cdiv(problem.B, BLOCK_B), problem.D))
 
 
-def forward(a: ForwardArgs, the_plan: Plan) -> int:
+KERNELS = {"fwd": ("_recurrence_fwd_persistent_kernel",),
+           "bwd": ("_recurrence_bwd_persistent_kernel",)}
+
+
+def forward(a: ForwardArgs, the_plan: Plan) -> None:
     cfg = the_plan.config("_recurrence_fwd_persistent_kernel")
     launch_kernel(
         _recurrence_fwd_persistent_kernel, (triton.cdiv(a.B, cfg.block_b), a.D),
@@ -289,10 +293,9 @@ def forward(a: ForwardArgs, the_plan: Plan) -> int:
         BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_P=cfg.block_k,
         **cfg.launch_options(),
     )
-    return 1
 
 
-def backward(b: BackwardArgs, the_plan: Plan) -> int:
+def backward(b: BackwardArgs, the_plan: Plan) -> None:
     cfg = the_plan.config("_recurrence_bwd_persistent_kernel")
     launch_kernel(
         _recurrence_bwd_persistent_kernel, (triton.cdiv(b.B, cfg.block_b), b.D),
@@ -306,4 +309,3 @@ def backward(b: BackwardArgs, the_plan: Plan) -> int:
         BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_P=cfg.block_k,
         **cfg.launch_options(),
     )
-    return 1

@@ -20,8 +20,9 @@ import triton.language as tl
 from ._jit import (LSTM, GRU, cell_backward, cell_forward, load_gate_tiles, load_gates, positive,
                    prev_time, save_gates, step_time, store_gates)
 from .args import BackwardArgs, ForwardArgs, acc_dtype
-from .select import (DeviceSpec, DoesNotFit, KernelConfig, Plan, Problem, fast_activations,
-                     launch_kernel, operand_copies, resolve_heuristics)
+from .select import (LAUNCHES, DeviceSpec, DoesNotFit, KernelConfig, Plan, Problem,
+                     fast_activations, kernel_name, launch_kernel, operand_copies,
+                     resolve_heuristics)
 
 _LENGTHS = {"HAS_LENGTHS": lambda a: a["len_ptr"] is not None}
 
@@ -401,6 +402,7 @@ class StepLauncher:
 
     def __init__(self, kernel, grid, step_arg: str, **kwargs):
         self.kernel, self.grid, self.step_arg, self.kwargs = kernel, grid, step_arg, kwargs
+        self.name = kernel_name(kernel)
         self._fast = None
 
     def _bind(self, compiled) -> None:
@@ -426,6 +428,7 @@ class StepLauncher:
             args[i] = step
             g = self.grid
             run(g[0], g[1], g[2], stream, function, metadata, None, enter, exit_, *args)
+            LAUNCHES[self.name] += 1
             return
         compiled = launch_kernel(self.kernel, self.grid, **{**self.kwargs, self.step_arg: step})
         if compiled is not None:
@@ -441,7 +444,11 @@ def _current_stream():
     return triton.runtime.driver.active.get_current_stream(device)
 
 
-def forward(a: ForwardArgs, the_plan: Plan) -> int:
+KERNELS = {"fwd": ("_recurrence_fwd_step_kernel", "_projection_step_kernel"),
+           "bwd": ("_recurrence_bwd_step_dh_kernel", "_recurrence_bwd_step_gates_kernel")}
+
+
+def forward(a: ForwardArgs, the_plan: Plan) -> None:
     cfg = the_plan.config("_recurrence_fwd_step_kernel")
     device = a.y.device
     cell = a.cell
@@ -483,10 +490,9 @@ def forward(a: ForwardArgs, the_plan: Plan) -> int:
         a.cn[0].copy_(cell[a.T - 1, :, 0])
         if a.D == 2:
             a.cn[1].copy_(cell[0, :, 1])
-    return a.T * (2 if project is not None else 1)
 
 
-def backward(b: BackwardArgs, the_plan: Plan) -> int:
+def backward(b: BackwardArgs, the_plan: Plan) -> None:
     dcfg = the_plan.config("_recurrence_bwd_step_dh_kernel")
     gcfg = the_plan.config("_recurrence_bwd_step_gates_kernel")
     acc = acc_dtype(b.dy.dtype)
@@ -516,4 +522,3 @@ def backward(b: BackwardArgs, the_plan: Plan) -> int:
     step_dh(b.T)  # dh0
     if b.is_lstm:
         b.dc0.copy_(dc)
-    return 2 * b.T + 1

@@ -15,7 +15,7 @@ from fastrnn import _modes
 from fastrnn.ops.recurrence import recurrence
 from fastrnn.ops.select import force_strategy
 from fastrnn.reference import recurrence_reference
-from tests.parity import DEVICE
+from tests.parity import DEVICE, launches, strategy_runs
 
 MODES = {"rnn_tanh": _modes.RNN_TANH, "rnn_relu": _modes.RNN_RELU, "lstm": _modes.LSTM,
          "gru": _modes.GRU}
@@ -68,45 +68,47 @@ CASES = [c for c in itertools.product(MODES, (1, 2), (0, 2), ([], [5, 3, 3, 1]),
                          ids=lambda v: str(v) if not isinstance(v, list) else (
                              "packed" if v else "padded"))
 def test_op_matches_reference_fp64(mode, D, proj, lengths, bias, strategy):
-    m = MODES[mode]
-    T, B, H = 5, 4, 3
-    args = _inputs(m, T, B, H, D, proj, lengths, bias=bias)
-    leaves = [a.clone().requires_grad_(a.is_floating_point()) if a is not None else None
-              for a in args]
-    got = _op(m, False, strategy)(*leaves)
-    want = _reference(m, *[a.clone().requires_grad_(a.is_floating_point())
-                           if a is not None else None for a in args])
-    for g_, w_ in zip(got, want):
-        if w_ is not None:
-            torch.testing.assert_close(g_, w_, atol=1e-12, rtol=1e-12)
-    # Every gradient, with random upstream gradients on every output.
-    gen = torch.Generator().manual_seed(5)
-    ups = [torch.randn(w_.shape, generator=gen, dtype=w_.dtype).to(DEVICE)
-           for w_ in want if w_ is not None]
-    ref_leaves = [a.clone().requires_grad_(a.is_floating_point()) if a is not None else None
+    with strategy_runs(strategy, backward=True):
+        m = MODES[mode]
+        T, B, H = 5, 4, 3
+        args = _inputs(m, T, B, H, D, proj, lengths, bias=bias)
+        leaves = [a.clone().requires_grad_(a.is_floating_point()) if a is not None else None
                   for a in args]
-    want = _reference(m, *ref_leaves)
-    got = _op(m, False, strategy)(*leaves)
-    torch.autograd.backward([t for t in got if t is not None], ups)
-    torch.autograd.backward([t for t in want if t is not None], ups)
-    for name, a, b in zip(["x", "w_ih", "b_x", "h0", "c0", "w_hh", "b_hn", "w_hr"], leaves,
-                          ref_leaves):
-        if a is None:
-            continue
-        torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=1e-12, msg=name)
+        got = _op(m, False, strategy)(*leaves)
+        want = _reference(m, *[a.clone().requires_grad_(a.is_floating_point())
+                               if a is not None else None for a in args])
+        for g_, w_ in zip(got, want):
+            if w_ is not None:
+                torch.testing.assert_close(g_, w_, atol=1e-12, rtol=1e-12)
+        # Every gradient, with random upstream gradients on every output.
+        gen = torch.Generator().manual_seed(5)
+        ups = [torch.randn(w_.shape, generator=gen, dtype=w_.dtype).to(DEVICE)
+               for w_ in want if w_ is not None]
+        ref_leaves = [a.clone().requires_grad_(a.is_floating_point()) if a is not None else None
+                      for a in args]
+        want = _reference(m, *ref_leaves)
+        got = _op(m, False, strategy)(*leaves)
+        torch.autograd.backward([t for t in got if t is not None], ups)
+        torch.autograd.backward([t for t in want if t is not None], ups)
+        for name, a, b in zip(["x", "w_ih", "b_x", "h0", "c0", "w_hh", "b_hn", "w_hr"], leaves,
+                              ref_leaves):
+            if a is None:
+                continue
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=1e-12, msg=name)
 
 
 @pytest.mark.parametrize("strategy", ["persistent", "stepwise", "cooperative"])
 def test_op_batch_first_layout(strategy):
     """batch_first: the op reads x and writes y through batch-major strides."""
-    m = _modes.GRU
-    x, w_ih, b_x, h0, _, w_hh, b_hn, _, _ = _inputs(m, 4, 3, 5, 2, 0, [])
-    x_bf = x.transpose(0, 1).contiguous().transpose(0, 1)
-    y, hn, _ = _op(m, True, strategy)(x_bf, w_ih, b_x, h0, None, w_hh, b_hn, None, None)
-    assert y.transpose(0, 1).is_contiguous()
-    want, want_hn, _ = _reference(m, x, w_ih, b_x, h0, None, w_hh, b_hn, None, None)
-    torch.testing.assert_close(y, want, atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(hn, want_hn, atol=1e-12, rtol=1e-12)
+    with strategy_runs(strategy, backward=False):
+        m = _modes.GRU
+        x, w_ih, b_x, h0, _, w_hh, b_hn, _, _ = _inputs(m, 4, 3, 5, 2, 0, [])
+        x_bf = x.transpose(0, 1).contiguous().transpose(0, 1)
+        y, hn, _ = _op(m, True, strategy)(x_bf, w_ih, b_x, h0, None, w_hh, b_hn, None, None)
+        assert y.transpose(0, 1).is_contiguous()
+        want, want_hn, _ = _reference(m, x, w_ih, b_x, h0, None, w_hh, b_hn, None, None)
+        torch.testing.assert_close(y, want, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(hn, want_hn, atol=1e-12, rtol=1e-12)
 
 
 GRADCHECK = [
@@ -125,29 +127,28 @@ GRADCHECK = [
                          ids=[f"{c[0]}-D{c[1]}-proj{c[2]}-{'packed' if c[3] else 'padded'}-{c[4]}"
                               for c in GRADCHECK])
 def test_gradcheck_through_kernels(mode, D, proj, lengths, strategy):
-    m = MODES[mode]
-    T, B, H = 3, 2, 2
-    args = _inputs(m, T, B, H, D, proj, lengths, seed=3)
-    if m == _modes.RNN_RELU:  # keep pre-activations away from relu's kink
-        x, w_ih, b_x, h0, c0, w_hh = args[:6]
-        args = (x.abs(), w_ih.abs(), b_x.abs() + 0.2, h0.abs(), c0, w_hh.abs()) + args[6:]
-    lens = args[-1]
-    floats = [a for a in args[:-1] if a is not None]
-    present = [a is not None for a in args[:-1]]
+    with strategy_runs(strategy, backward=True):
+        m = MODES[mode]
+        T, B, H = 3, 2, 2
+        args = _inputs(m, T, B, H, D, proj, lengths, seed=3)
+        if m == _modes.RNN_RELU:  # keep pre-activations away from relu's kink
+            x, w_ih, b_x, h0, c0, w_hh = args[:6]
+            args = (x.abs(), w_ih.abs(), b_x.abs() + 0.2, h0.abs(), c0, w_hh.abs()) + args[6:]
+        lens = args[-1]
+        floats = [a for a in args[:-1] if a is not None]
+        present = [a is not None for a in args[:-1]]
 
-    def f(*xs):
-        it = iter(xs)
-        full = [next(it) if p else None for p in present]
-        return tuple(t for t in _op(m, False, strategy)(*full, lens) if t is not None)
+        def f(*xs):
+            it = iter(xs)
+            full = [next(it) if p else None for p in present]
+            return tuple(t for t in _op(m, False, strategy)(*full, lens) if t is not None)
 
-    assert torch.autograd.gradcheck(f, [a.clone().requires_grad_() for a in floats],
-                                    eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+        assert torch.autograd.gradcheck(f, [a.clone().requires_grad_() for a in floats],
+                                        eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
 
 
 def _count(strategy, direction):
-    from fastrnn.ops.select import LAUNCHES
-
-    return LAUNCHES[strategy, direction]
+    return launches(direction, strategy)
 
 
 @pytest.mark.parametrize("where", ["outside the block", "another thread"])
@@ -185,35 +186,37 @@ def test_cooperative_with_many_programs_per_group(mode, D, slice_units, monkeypa
     lengths, in float64. Under the interpreter they run one step per launch, the kernel boundary
     standing in for the grid barrier: the same per-step code as on a GPU. With one program per
     group (64 units) the whole sequence is one launch, with the prefetch across steps."""
-    from fastrnn.ops import cooperative, select
+    with strategy_runs("cooperative", backward=True):
+        from fastrnn.ops import cooperative, select
 
-    if DEVICE == "cpu":
+        # Under the interpreter the slice is INTERPRETER_SLICE; on a GPU, the one slice offered.
         monkeypatch.setattr(cooperative, "INTERPRETER_SLICE", slice_units)
+        monkeypatch.setattr(cooperative, "_SLICES", (slice_units,))
         select.plan.cache_clear()  # plans are cached: none made with this slice may outlive it
         request.addfinalizer(select.plan.cache_clear)
-    m = MODES[mode]
-    T, B, H = 4, 20, 40
-    lengths = [4] + [1 + (7 * b) % 4 for b in range(1, B)]
-    lengths.sort(reverse=True)
-    args = _inputs(m, T, B, H, D, 0, lengths, seed=7)
-    problem = select.Problem(m, B, H, H, D, torch.float64)
-    assert select.plan(problem, select.describe(torch.device(DEVICE)),
-                       "cooperative").grid[0] == -(-H // slice_units) or DEVICE != "cpu"
-    leaves = [a.clone().requires_grad_(a.is_floating_point()) if a is not None else None
-              for a in args]
-    ref_leaves = [a.clone().requires_grad_(a.is_floating_point()) if a is not None else None
+        m = MODES[mode]
+        T, B, H = 4, 20, 40
+        lengths = [4] + [1 + (7 * b) % 4 for b in range(1, B)]
+        lengths.sort(reverse=True)
+        args = _inputs(m, T, B, H, D, 0, lengths, seed=7)
+        problem = select.Problem(m, B, H, H, D, torch.float64)
+        assert select.plan(problem, select.describe(torch.device(DEVICE)),
+                           "cooperative").grid[0] == -(-H // slice_units)
+        leaves = [a.clone().requires_grad_(a.is_floating_point()) if a is not None else None
                   for a in args]
-    got = _op(m, False, "cooperative")(*leaves)
-    want = _reference(m, *ref_leaves)
-    for g_, w_ in zip(got, want):
-        if w_ is not None:
-            torch.testing.assert_close(g_, w_, atol=1e-12, rtol=1e-12)
-    gen = torch.Generator().manual_seed(5)
-    ups = [torch.randn(w_.shape, generator=gen, dtype=w_.dtype).to(DEVICE)
-           for w_ in want if w_ is not None]
-    torch.autograd.backward([t for t in got if t is not None], ups)
-    torch.autograd.backward([t for t in want if t is not None], ups)
-    for name, a, b in zip(["x", "w_ih", "b_x", "h0", "c0", "w_hh", "b_hn", "w_hr"], leaves,
-                          ref_leaves):
-        if a is not None:
-            torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=1e-12, msg=name)
+        ref_leaves = [a.clone().requires_grad_(a.is_floating_point()) if a is not None else None
+                      for a in args]
+        got = _op(m, False, "cooperative")(*leaves)
+        want = _reference(m, *ref_leaves)
+        for g_, w_ in zip(got, want):
+            if w_ is not None:
+                torch.testing.assert_close(g_, w_, atol=1e-12, rtol=1e-12)
+        gen = torch.Generator().manual_seed(5)
+        ups = [torch.randn(w_.shape, generator=gen, dtype=w_.dtype).to(DEVICE)
+               for w_ in want if w_ is not None]
+        torch.autograd.backward([t for t in got if t is not None], ups)
+        torch.autograd.backward([t for t in want if t is not None], ups)
+        for name, a, b in zip(["x", "w_ih", "b_x", "h0", "c0", "w_hh", "b_hn", "w_hr"], leaves,
+                              ref_leaves):
+            if a is not None:
+                torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=1e-12, msg=name)

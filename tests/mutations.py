@@ -1,0 +1,178 @@
+"""Planted bugs the suite must catch: each mutation edits one snippet of a temporary copy of the
+project and runs the tests named for it there; they must fail.
+
+    python -m tests.mutations            # every mutation
+    python -m tests.mutations NAME ...   # some (names below)
+
+``tests/test_mutations.py`` runs each one in the suite (CI). A mutation whose snippet is not found
+exactly once is an error, not a pass: when the code moves, the mutation moves with it. Add one for
+every bug a test was written to catch, with the few tests that catch it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COPIED = ("fastrnn", "tests", "bench", "conftest.py", "pyproject.toml")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str           # relative to the project root
+    old: str            # found exactly once
+    new: str
+    tests: tuple        # pytest node ids, at least one of which must fail
+    why: str = ""
+
+
+MUTATIONS = (
+    Mutation(
+        "forced-cooperative-runs-persistent", "fastrnn/ops/recurrence.py",
+        "                       strategy or select.forced_strategy() or None)",
+        "                       {'cooperative': 'persistent'}.get(\n"
+        "                           strategy or select.forced_strategy(),\n"
+        "                           strategy or select.forced_strategy()) or None)",
+        ("tests/ops/test_recurrence.py::test_op_batch_first_layout[cooperative]",
+         "tests/test_parity.py::test_nan_propagates_like_torch[cooperative-gru]"),
+        "a forced strategy must be the one that runs"),
+    Mutation(
+        "persistent-forward-launches-twice", "fastrnn/ops/persistent.py",
+        "def forward(a: ForwardArgs, the_plan: Plan) -> None:\n"
+        "    cfg = the_plan.config(\"_recurrence_fwd_persistent_kernel\")\n",
+        "def forward(a: ForwardArgs, the_plan: Plan) -> None:\n"
+        "    _forward_once(a, the_plan)\n"
+        "    _forward_once(a, the_plan)\n\n\n"
+        "def _forward_once(a: ForwardArgs, the_plan: Plan) -> None:\n"
+        "    cfg = the_plan.config(\"_recurrence_fwd_persistent_kernel\")\n",
+        ("tests/test_explain.py::test_explain_matches_what_the_layer_launches[GRU-persistent-1]",
+         "tests/test_func.py::test_vmap_of_a_layer_is_one_launch[GRU]"),
+        "launches are counted where they happen, not reported by the strategy"),
+    Mutation(
+        "stepwise-backward-extra-dh-launch", "fastrnn/ops/stepwise.py",
+        "    step_dh(b.T)  # dh0\n",
+        "    step_dh(b.T)  # dh0\n    step_dh(b.T)\n",
+        ("tests/ops/test_recurrence.py::test_backward_runs_the_strategy_the_forward_ran"
+         "[outside the block]",
+         "tests/test_explain.py::test_explain_matches_what_the_layer_launches[RNN-stepwise-3]"),
+        "launches are counted where they happen"),
+    Mutation(
+        "explain-misstates-stepwise-launches", "fastrnn/ops/stepwise.py",
+        "                launches_fixed=(0, 1))",
+        "                launches_fixed=(0, 2))",
+        ("tests/test_explain.py::test_explain_matches_what_the_layer_launches[RNN-stepwise-3]",),
+        "explain's figures are checked against counted launches"),
+    Mutation(
+        "fp16-routed-to-torch-nn", "fastrnn/modules.py",
+        "        if not kernels:\n            return _TORCH_FORWARD[self.mode](self, input, hx)",
+        "        if not kernels or data.dtype == torch.float16:\n"
+        "            return _TORCH_FORWARD[self.mode](self, input, hx)",
+        ("tests/test_parity.py::test_fp16_error_within_2x_of_torch[persistent-lstm]",
+         "tests/test_ecosystem.py::test_dtype_moves[half]"),
+        "dtype tests prove the kernels ran"),
+    Mutation(
+        "fp64-routed-to-torch-nn", "fastrnn/modules.py",
+        "        if not kernels:\n            return _TORCH_FORWARD[self.mode](self, input, hx)",
+        "        if not kernels or data.dtype == torch.float64:\n"
+        "            return _TORCH_FORWARD[self.mode](self, input, hx)",
+        ("tests/test_modules.py::test_double_runs_through_kernels",
+         "tests/test_ecosystem.py::test_dtype_moves[double]"),
+        "fp64 tests prove the kernels ran"),
+    Mutation(
+        "leak-256KiB-per-call", "fastrnn/modules.py",
+        "        self._update_flat_weights()\n        is_lstm = self.mode == \"LSTM\"\n",
+        "        self._update_flat_weights()\n"
+        "        globals()['_LEAK'] = torch.cat([globals().get('_LEAK', torch.empty(0)),\n"
+        "                                        torch.ones(65536)])\n"
+        "        is_lstm = self.mode == \"LSTM\"\n",
+        ("tests/test_reliability.py::test_training_loop_holds_steady_memory[GRU]",),
+        "the steady-memory test measures bytes on the CPU too"),
+    Mutation(
+        "bias-gradient-off-by-1-percent", "fastrnn/ops/recurrence.py",
+        "                grads[2] = done(g.sum(dim=1))",
+        "                grads[2] = done(g.sum(dim=1)) * 1.01",
+        ("tests/test_func.py::test_per_sample_gradients_equal_a_loop_of_single_samples",
+         "tests/test_func.py::test_ensemble_through_stack_module_state_equals_a_loop"),
+        "torch.func tests compare with torch.nn, not with fastrnn"),
+    Mutation(
+        "reference-gru-bias", "fastrnn/reference.py",
+        "            hn = hn + b_hn\n",
+        "            hn = hn + 1.01 * b_hn\n",
+        ("tests/test_reference.py::test_reference_matches_torch_nn_fp64[gru-1-False-False-True]",),
+        "the op tests' oracle is checked against torch.nn"),
+    Mutation(
+        "gpu-run-always-exits-0", "bench/gpu_run.sh",
+        "    exit 1\n",
+        "    exit 0\n",
+        ("tests/test_gpu_run.py::test_a_failed_stage_exits_nonzero_and_names_it_after_the_rest_ran",),
+        "a failed GPU stage is visible to whatever runs the script"),
+)
+
+BY_NAME = {m.name: m for m in MUTATIONS}
+
+
+def _copy_project(dest: str) -> None:
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
+    for entry in COPIED:
+        src = os.path.join(ROOT, entry)
+        if os.path.isdir(src):
+            shutil.copytree(src, os.path.join(dest, entry), ignore=ignore)
+        else:
+            shutil.copy2(src, os.path.join(dest, entry))
+
+
+def plant(m: Mutation, dest: str) -> None:
+    """Copy the project to ``dest`` and apply ``m`` there."""
+    _copy_project(dest)
+    path = os.path.join(dest, m.path)
+    with open(path) as f:
+        text = f.read()
+    count = text.count(m.old)
+    if count != 1:
+        raise LookupError(f"mutation {m.name!r}: its snippet occurs {count} times in {m.path} "
+                          "(expected once): update the mutation with the code")
+    with open(path, "w") as f:
+        f.write(text.replace(m.old, m.new))
+
+
+def check(m: Mutation, timeout: float = 600) -> tuple[bool, str]:
+    """(caught, pytest's output): whether the named tests fail with ``m`` planted."""
+    with tempfile.TemporaryDirectory(prefix=f"fastrnn-mutant-{m.name}-") as dest:
+        plant(m, dest)
+        env = {**os.environ, "PYTHONPATH": dest, "PYTHONDONTWRITEBYTECODE": "1"}
+        env.pop("PYTEST_XDIST_WORKER", None)
+        env.pop("PYTEST_CURRENT_TEST", None)
+        code = (f"import fastrnn, sys; sys.exit(0 if fastrnn.__file__.startswith({dest!r}) "
+                "else 1)")
+        if subprocess.run([sys.executable, "-c", code], cwd=dest, env=env).returncode:
+            raise RuntimeError(f"the mutant copy in {dest} is not the fastrnn that imports")
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+             "-o", "addopts=", *m.tests],
+            cwd=dest, env=env, capture_output=True, text=True, timeout=timeout)
+        out = proc.stdout + proc.stderr
+        # 1: tests ran and some failed. Anything else (no tests collected, usage or collection
+        # errors, interrupted) proves nothing.
+        return proc.returncode == 1 and " failed" in out, out
+
+
+def main(argv: list[str]) -> int:
+    names = argv or [m.name for m in MUTATIONS]
+    survived = []
+    for name in names:
+        caught, out = check(BY_NAME[name])
+        print(f"{'caught  ' if caught else 'SURVIVED'} {name}", flush=True)
+        if not caught:
+            survived.append(name)
+            print(out[-3000:])
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
