@@ -11,3 +11,17 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences triton 3.9's notice
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _cooperative_barriers_completed():
+    """On a GPU, after each test: wait for its kernels and raise if a cooperative launch gave
+    up at a barrier, so a timeout is reported against the test that had it."""
+    yield
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        from fastrnn.ops.cooperative import check_errors
+
+        check_errors()

@@ -6,6 +6,7 @@ before triton is imported (importing fastrnn imports it): so the command restart
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -51,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     parity = sub.add_parser("parity", help="parity of outputs and gradients with torch.nn")
     parity.add_argument("--json", default=None, metavar="PATH", help="also write the rows here")
+    parity.add_argument("--jsonl", default=None, metavar="PATH",
+                        help="append each row here as it completes (one JSON object per line)")
     bench = sub.add_parser("bench", help="parity, then speed against torch.nn (the main job)")
     bench.add_argument("--grid", action="append", default=None, choices=list(GRIDS),
                        help="a named grid (repeatable); default: all but smoke on a GPU, smoke "
@@ -83,7 +86,12 @@ def main(argv=None) -> int:
     if args.command == "parity":
         from .parity import report, write_json
 
-        rows = report()
+        sink = None
+        if args.jsonl:
+            def sink(row, path=args.jsonl):
+                with open(path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+        rows = report(sink=sink)
         if args.json:
             write_json(rows, args.json)
         return 0 if all(r["ok"] for r in rows) else 1

@@ -227,8 +227,13 @@ def build_case(config: Config, provider: str, device: torch.device, seed: int = 
 # Timing.
 
 def _sync(device):
+    """Wait for the device, then raise if a cooperative launch gave up at a barrier: a timeout
+    is reported against the case that had it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        from .ops.cooperative import check_errors
+
+        check_errors()
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 2, min_reps: int = 3,
@@ -251,6 +256,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 2, min
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+    _sync(device)
     return statistics.median(times)
 
 

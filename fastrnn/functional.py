@@ -77,8 +77,8 @@ def _strategy(mode: int, h0: Tensor, w_hh: Tensor) -> str:
     """The kernel strategy of a layer, decided here on the caller's thread (where
     ``fastrnn.force_strategy`` is visible) and handed to the op, which records it for backward."""
     D, B, P = h0.shape
-    if B == 0:
-        return ""
+    if B == 0 or w_hh.numel() == 0:
+        return ""  # an empty problem: no kernel runs (ops/recurrence.py)
     G = _modes.NUM_GATES[mode]
     return select.resolve(mode, B, w_hh.shape[1] // G, P, D, w_hh.dtype, h0.device)
 

@@ -127,6 +127,11 @@ def check(case: Case, device: torch.device, dtype: torch.dtype, T: int, B: int, 
     grads = [torch.randn(o.shape, generator=g) for o in outs]
     start = time.perf_counter()
     got = _run(fast, x, hx, lengths, grads)
+    if device.type == "cuda":  # a barrier timeout is this case's, reported here
+        torch.cuda.synchronize(device)
+        from .ops.cooperative import check_errors
+
+        check_errors()
     elapsed = time.perf_counter() - start
     want = _run(ref, x, hx, lengths, grads)
     truth = _run(truth_module, x, hx, lengths, grads)
@@ -147,7 +152,9 @@ def check(case: Case, device: torch.device, dtype: torch.dtype, T: int, B: int, 
 
 
 def report(device: torch.device | None = None, dtypes=None, cases=None, sizes=None,
-           echo=print) -> list[dict]:
+           echo=print, sink=None) -> list[dict]:
+    """Check every case in every dtype, printing each row as it completes (and handing it to
+    ``sink``, if given: ``python -m fastrnn parity --jsonl`` writes it out at once)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not use_kernels(device):
         raise SystemExit(f"fastrnn's kernels do not run on {device} here (FASTRNN_BACKEND, "
@@ -170,6 +177,8 @@ def report(device: torch.device | None = None, dtypes=None, cases=None, sizes=No
             for case in cases:
                 row = check(case, device, dtype, T, B, I, H)
                 rows.append(row)
+                if sink is not None:
+                    sink(row)
                 prec = f"{row['fastrnn_precision']} / {row['torch_precision']}"
                 echo(f"{row['case']:<30} {prec:<30} {row['fastrnn_error']:>11.2e} "
                      f"{row['torch_error']:>12.2e}  {'ok' if row['ok'] else 'MISMATCH'}")

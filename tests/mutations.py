@@ -107,6 +107,19 @@ MUTATIONS = (
         ("tests/test_reference.py::test_reference_matches_torch_nn_fp64[gru-1-False-False-True]",),
         "the op tests' oracle is checked against torch.nn"),
     Mutation(
+        "stepwise-specialises-on-the-step", "fastrnn/ops/stepwise.py",
+        "@triton.jit(do_not_specialize=[\"s\"])  # one compiled kernel for every step\n"
+        "def _recurrence_fwd_step_kernel(",
+        "@triton.jit\ndef _recurrence_fwd_step_kernel(",
+        ("tests/ops/test_strategies.py::test_stepwise_kernels_never_specialise_on_the_step",),
+        "a GPU would bake the first launch's step into the kernel the fast launcher reuses"),
+    Mutation(
+        "empty-hidden-size-reaches-a-kernel", "fastrnn/ops/recurrence.py",
+        "    return T == 0 or B == 0 or w_hh.numel() == 0\n",
+        "    return T == 0 or B == 0\n",
+        ("tests/test_cells.py::test_empty_cells_match_torch_and_launch_nothing[I5-H0-B3-lstm]",),
+        "LSTMCell(4, 0) must give torch.nn's empty results, not reach a kernel"),
+    Mutation(
         "gpu-run-always-exits-0", "bench/gpu_run.sh",
         "    exit 1\n",
         "    exit 0\n",

@@ -95,6 +95,7 @@ def test_report_on_the_cpu_reads_cleanly(tmp_path):
     assert all(r["max_abs_diff"] < 1e-4 for r in records)
 
 
+@pytest.mark.host_only  # on a GPU, bench/gpu_run.sh runs the main job as its own stages
 def test_main_job_command_runs(tmp_path):
     """``python -m fastrnn bench`` (parity, then the speed report) as the README runs it."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # it sets it itself

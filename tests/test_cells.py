@@ -125,3 +125,59 @@ def test_rnn_cell_unknown_nonlinearity_raises_at_forward_like_torch():
         fast(x)
     assert str(got.value) == str(want.value)
     assert repr(fast) == repr(ref)
+
+
+EMPTY = [  # (input_size, hidden_size, batch): each zero-sized dimension a cell accepts
+    (I, 0, B), (0, H, B), (I, H, 0), (0, 0, 0),
+]
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("I_,H_,B_", EMPTY, ids=[f"I{i}-H{h}-B{b}" for i, h, b in EMPTY])
+def test_empty_cells_match_torch_and_launch_nothing(cell, I_, H_, B_):
+    """Zero-sized hidden size, input size or batch (PyTorch's own
+    test_RNN_cell_forward_zero_hidden_size): torch.nn's outputs and gradients, with hx given or
+    not, and no kernel launched where there is nothing to compute."""
+    name, extra = CELLS[cell]
+    torch.manual_seed(0)
+    ref = getattr(nn, name)(I_, H_, **extra).to(DEVICE)
+    fast = getattr(fastrnn, name)(I_, H_, **extra).to(DEVICE)
+    fast.load_state_dict(ref.state_dict())
+    for with_hx in (False, True):
+        results = []
+        x0, h0, c0 = (torch.randn(B_, n, device=DEVICE) for n in (I_, H_, H_))
+        for m in (fast, ref):
+            x = x0.clone().requires_grad_()
+            hx = None
+            if with_hx:
+                h = h0.clone().requires_grad_()
+                hx = (h, c0) if name == "LSTMCell" else h
+            before = launches()
+            out = m(x, hx)
+            outs = out if isinstance(out, tuple) else (out,)
+            (sum(o.sum() for o in outs) + x.sum()).backward()
+            if m is fast and (H_ == 0 or B_ == 0):
+                assert launches() == before, "an empty problem reached a kernel"
+            results.append([o.detach() for o in outs] + [x.grad] +
+                           [p.grad for p in m.parameters()])
+        for got, want in zip(*results):
+            assert (got is None) == (want is None)
+            if want is not None:
+                assert got.shape == want.shape and got.dtype == want.dtype
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["RNN", "LSTM", "GRU"])
+def test_empty_layers_raise_or_match_like_torch(name):
+    """Layers: a zero hidden or input size and an empty sequence raise torch.nn's errors; an
+    empty batch gives torch.nn's empty results (tests/test_parity.py::test_batch_zero)."""
+    for args, err in [((4, 0), (ValueError, "hidden_size must be greater than zero")),
+                      ((0, 4), (ValueError, "input_size must be greater than zero"))]:
+        for module in (nn, fastrnn):
+            with pytest.raises(err[0], match=err[1]):
+                getattr(module, name)(*args)
+    fast, ref = getattr(fastrnn, name)(4, 4), getattr(nn, name)(4, 4)
+    for x in (torch.randn(0, 3, 4), torch.randn(0, 4)):
+        for m in (ref, fast):
+            with pytest.raises(RuntimeError, match="Expected sequence length to be larger than 0"):
+                m(x.to(DEVICE) if m is fast else x)

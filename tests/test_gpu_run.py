@@ -48,3 +48,58 @@ def test_a_failed_stage_exits_nonzero_and_names_it_after_the_rest_ran(tmp_path):
     assert any("fastrnn bench" in c for c in calls)
     assert any("tune_strategies" in c for c in calls)
     assert (out / "gpu_run.tar.gz").exists()
+
+
+def test_plan_fits_seven_minutes_and_the_suite_selection_leaves_out_cpu_checks(tmp_path):
+    """The planned stages, kill-after margins included, fit in 7 minutes; the suite stage's
+    selection collects no slow test, no CPU-side check (resource compiles, planted bugs, the
+    whole main job) and no benchmark suite."""
+    import re
+    import sys
+
+    proc = subprocess.run(["bash", SCRIPT, str(tmp_path / "out")], capture_output=True,
+                          text=True, env={**os.environ, "GPU_RUN_DRY": "1"}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    total = int(re.search(r"= (\d+) s at most", proc.stdout).group(1))
+    assert total <= 7 * 60, proc.stdout
+    stages = re.search(r"plan: (.*) \(\+", proc.stdout).group(1).split()
+    assert [s.split(":")[0] for s in stages] == ["environment", "smoke", "parity", "bench",
+                                                 "suite", "strategies"]
+    selection = re.search(r"suite selection: (.*)", proc.stdout).group(1)
+    assert selection == "tests -m not slow and not host_only"
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+         "tests", "-m", "not slow and not host_only"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300)
+    ids = [line for line in collected.stdout.splitlines() if "::" in line]
+    assert len(ids) > 500, collected.stdout[-2000:]
+    banned = ("test_resources.py", "test_mutations.py", "test_main_job_command_runs", "bench/",
+              "test_very_long_sequence", "test_large_batch_and_64bit_offsets")
+    assert not [i for i in ids if any(b in i for b in banned)]
+
+
+def test_smoke_stage_runs_under_the_interpreter_and_writes_rows_as_it_goes(tmp_path):
+    """bench/smoke.py --dry-run: the stage's cases at toy sizes in Triton's interpreter, every
+    row in smoke.jsonl with its strategy's launches and no other's."""
+    import json
+    import sys
+
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "smoke.py"),
+                           str(tmp_path), "--dry-run"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "smoke.jsonl").read_text().splitlines()]
+    assert len(rows) == 13 and all(r["ok"] for r in rows)
+    assert {r["cell"] for r in rows if r["strategy"] == "cooperative"} == {"LSTM", "GRU", "RNN"}
+    assert {r["strategy"] for r in rows} == {"cooperative", "persistent", "stepwise"}
+    assert any(r["packed"] for r in rows)
+    for r in rows:
+        assert r["launches"] and all(r["strategy"] in _owner(k) for k in r["launches"])
+    assert proc.stdout.count("smoke: {") == 13  # printed as each completed
+
+
+def _owner(kernel):
+    from fastrnn.ops import select
+
+    return [s for s in ("persistent", "stepwise", "cooperative")
+            if kernel in select.strategy_kernels(s)]

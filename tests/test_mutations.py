@@ -4,6 +4,8 @@ import pytest
 
 from tests import mutations
 
+pytestmark = pytest.mark.host_only  # copies of the tree run under the interpreter: a CPU check
+
 
 @pytest.mark.parametrize("mutation", mutations.MUTATIONS, ids=lambda m: m.name)
 def test_planted_bug_is_caught(mutation):

@@ -31,19 +31,32 @@ barrier and runs the whole sequence in one launch there too.
 Not for proj_size (h and the cell state live in different spaces: a second barrier per step).
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from ..backend import interpreting
 from ._jit import (LSTM, GRU, cell_backward, cell_forward, load_gate_tiles, load_gates, next_time,
                    positive, prev_time, save_gates, split_gates, step_time, store_gates)
 from .args import BackwardArgs, ForwardArgs, acc_dtype
-from .select import (DeviceSpec, DoesNotFit, KernelConfig, Plan, Problem, block,
+from .select import (DeviceSpec, DoesNotFit, KernelConfig, Plan, Problem, block, describe,
                      fast_activations, launch_kernel, operand_copies)
 
 FLAG_STRIDE = tl.constexpr(8)  # ints between two programs' flags: one 32-byte sector each
-SPIN = tl.constexpr(1 << 26)   # polls before a wait gives up (seconds of spinning)
+
+
+POLL_NS = tl.constexpr(1000)  # what one poll counts for where there is no timer (interpreter)
+
+
+def wait_ns() -> int:
+    """How long one barrier wait may take before the kernel gives up, in nanoseconds:
+    FASTRNN_WAIT_S seconds (default 1). Short enough that a stall costs about a second, long
+    enough that time-slicing between processes sharing the GPU does not trip it."""
+    seconds = float(os.environ.get("FASTRNN_WAIT_S", "1") or 1)
+    if not seconds > 0:
+        raise ValueError(f"FASTRNN_WAIT_S must be a positive number of seconds, got {seconds}")
+    return int(seconds * 1e9)
 
 _LENGTHS = {"HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
             "FAST": lambda a: fast_activations(a["w_hh_ptr"].dtype)}
@@ -58,29 +71,47 @@ def _publish(flag_ptr, value):
 
 
 @triton.jit
-def _await(flags_ptr, NJ, target, err_ptr, budget, BLOCK_J: tl.constexpr,
-           STRIDE: tl.constexpr):
-    """Wait until every flag of the group (NJ of them, STRIDE apart) reaches ``target``,
-    polling at most ``budget`` times; what the others stored before publishing is visible after.
-    Returns the budget left (0 after a timeout, which is flagged in ``err_ptr``)."""
+def _now():
+    """The GPU's global nanosecond timer (``%globaltimer``)."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def _await(flags_ptr, NJ, target, err_ptr, alive, wait_ns, BLOCK_J: tl.constexpr,
+           STRIDE: tl.constexpr, GLOBALTIMER: tl.constexpr = True):
+    """Wait until every flag of the group (NJ of them, STRIDE apart) reaches ``target``, for at
+    most ``wait_ns`` nanoseconds of this wait (read from the GPU's timer; without
+    ``GLOBALTIMER``, as in the interpreter, each poll counts POLL_NS); what the others stored
+    before publishing is visible after. ``alive`` is 1, or 0 once a wait of this launch timed
+    out (the program then stops waiting: its results are wrong and flagged already). Returns
+    ``alive``; a timeout sets ``err_ptr``."""
     o_j = tl.arange(0, BLOCK_J)
     m_j = o_j < NJ
     p = flags_ptr + o_j * STRIDE
     seen = tl.min(tl.where(m_j, tl.atomic_add(p, 0, mask=m_j, sem="acquire", scope="gpu"),
                            target), axis=0)
-    while (seen < target) & (budget > 0):
-        budget -= 1
-        seen = tl.min(tl.where(m_j, tl.atomic_add(p, 0, mask=m_j, sem="acquire", scope="gpu"),
-                               target), axis=0)
-    if seen < target:
-        tl.atomic_max(err_ptr, 1)
-        budget = budget * 0
+    if (seen < target) & (alive > 0):
+        waited = wait_ns * 0
+        if GLOBALTIMER:
+            start = _now()
+        while (seen < target) & (alive > 0):
+            seen = tl.min(tl.where(m_j, tl.atomic_add(p, 0, mask=m_j, sem="acquire",
+                                                      scope="gpu"), target), axis=0)
+            if GLOBALTIMER:
+                waited = _now() - start
+            else:
+                waited += POLL_NS
+            if (seen < target) & (waited > wait_ns):
+                alive = alive * 0
+        if seen < target:
+            tl.atomic_max(err_ptr, 1)
     tl.debug_barrier()
-    return budget
+    return alive
 
 
 @triton.heuristics(_OPTIONAL)
-@triton.jit(do_not_specialize=["s_begin", "s_end", "T"])
+@triton.jit(do_not_specialize=["s_begin", "s_end", "T", "wait_ns"])
 def _recurrence_fwd_coop_kernel(
     xg_ptr, stride_xt, stride_xb,      # [T, B, D*G*H] input projections
     w_hh_ptr, b_hn_ptr, len_ptr,       # [D, G*H, H], [D, H], [B]
@@ -88,7 +119,7 @@ def _recurrence_fwd_coop_kernel(
     gates_ptr, cell_ptr,               # saved for backward: [T, B, D, NSAVE*H], [T, B, D, H]
     hbuf_ptr,                          # [2, D, B, H] the state, double-buffered (slot 0: h0)
     cbuf_ptr,                          # [D, B, H] the cell state (LSTM, accumulation dtype)
-    flags_ptr, err_ptr,                # [D * NBT, NJ * 8] int32 zeroed; [1] int32
+    flags_ptr, err_ptr, wait_ns,       # [D * NBT, NJ * 8] int32 zeroed; [1] int32; bound
     s_begin, s_end, T, B, H, BT,       # steps to run; batch rows per group
     CELL: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, NSAVE: tl.constexpr,
     SAVE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
@@ -124,7 +155,7 @@ def _recurrence_fwd_coop_kernel(
     p_flags = flags_ptr + (i_d * NBT + i_bt) * (NJ * FLAG_STRIDE)
     b_lo = i_bt * BT
     b_hi = tl.minimum(B, b_lo + BT)
-    budget = SPIN
+    alive = 1
     # The input projections of the first batch chunk, one step ahead: the next step's are loaded
     # between publishing and waiting, so the load overlaps the barrier.
     o_n = b_lo + tl.arange(0, BLOCK_N)
@@ -188,11 +219,11 @@ def _recurrence_fwd_coop_kernel(
             + i_d * (G * H) + o_u[:, None]
         n0, n1, n2, n3 = load_gate_tiles(p_x, m_u[:, None] & (o_n < b_hi)[None, :], H, G)
         if SYNC and s + 1 < s_end:
-            budget = _await(p_flags, NJ, s + 1, err_ptr, budget, BLOCK_J, FLAG_STRIDE)
+            alive = _await(p_flags, NJ, s + 1, err_ptr, alive, wait_ns, BLOCK_J, FLAG_STRIDE)
 
 
 @triton.heuristics(_LENGTHS)
-@triton.jit(do_not_specialize=["k_begin", "k_end", "T"])
+@triton.jit(do_not_specialize=["k_begin", "k_end", "T", "wait_ns"])
 def _recurrence_bwd_coop_kernel(
     dy_ptr, stride_dyt, stride_dyb,    # [T, B, D*H] gradient of the outputs
     y_ptr, stride_yt, stride_yb,       # [T, B, D*H] forward states
@@ -203,7 +234,7 @@ def _recurrence_bwd_coop_kernel(
     dh0_ptr, dc0_ptr,                  # [D, B, H]
     gbuf_ptr,                          # [2, D, B, G*H] the gate gradients W_hh multiplies
     dhbuf_ptr, dcbuf_ptr,              # [D, B, H] carried dh (what bypasses W_hh), dc: ACC
-    flags_ptr, err_ptr,
+    flags_ptr, err_ptr, wait_ns,
     k_begin, k_end, T, B, H, BT,
     CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
@@ -234,7 +265,7 @@ def _recurrence_bwd_coop_kernel(
     p_flags = flags_ptr + (i_d * NBT + i_bt) * (NJ * FLAG_STRIDE)
     b_lo = i_bt * BT
     b_hi = tl.minimum(B, b_lo + BT)
-    budget = SPIN
+    alive = 1
 
     for k in range(k_begin, k_end + 1):
         last = k == T                  # past the last step: only dh0 remains
@@ -329,7 +360,8 @@ def _recurrence_bwd_coop_kernel(
         if SYNC:
             if k < k_end:
                 _publish(p_flags + i_j * FLAG_STRIDE, k + 1)
-                budget = _await(p_flags, NJ, k + 1, err_ptr, budget, BLOCK_J, FLAG_STRIDE)
+                alive = _await(p_flags, NJ, k + 1, err_ptr, alive, wait_ns,
+                               BLOCK_J, FLAG_STRIDE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,11 +510,14 @@ def _launch_state(the_plan: Plan, D: int, device: torch.device):
     on a GPU (barrier, cooperative launch) or one step per launch (interpreter, several programs
     per group), and the zeroed barrier flags and error flag."""
     nj, nbt, _ = the_plan.grid
-    on_gpu = not interpreting() and device.type == "cuda"
+    # As a GPU launches it (barrier compiled in, cooperative launch) on a GPU, and when compiling
+    # for a described GPU (select.targeting: the resource check and explain), whatever the
+    # tensors' device.
+    on_gpu = not describe(device).interpreter
     stepped = not on_gpu and nj > 1
     flags = torch.zeros(D * nbt, nj * FLAG_STRIDE, device=device, dtype=torch.int32)
     err = torch.zeros(1, device=device, dtype=torch.int32)
-    return nj, nbt, on_gpu, stepped, flags, err
+    return nj, nbt, on_gpu, stepped, flags, err, wait_ns()
 
 
 KERNELS = {"fwd": ("_recurrence_fwd_coop_kernel",), "bwd": ("_recurrence_bwd_coop_kernel",)}
@@ -492,7 +527,7 @@ def forward(a: ForwardArgs, the_plan: Plan) -> None:
     check_errors()
     cfg = the_plan.config("_recurrence_fwd_coop_kernel")
     device = a.y.device
-    nj, nbt, on_gpu, stepped, flags, err = _launch_state(the_plan, a.D, device)
+    nj, nbt, on_gpu, stepped, flags, err, wait = _launch_state(the_plan, a.D, device)
     hbuf = torch.empty(2, a.D, a.B, a.H, device=device, dtype=a.y.dtype)
     hbuf[0].copy_(a.h0)
     cbuf = a.c0.to(acc_dtype(a.y.dtype)).contiguous().clone() if a.is_lstm else None
@@ -503,7 +538,7 @@ def forward(a: ForwardArgs, the_plan: Plan) -> None:
             w_hh_ptr=a.w_hh, b_hn_ptr=a.b_hn, len_ptr=a.lengths,
             y_ptr=a.y, stride_yt=a.y.stride(0), stride_yb=a.y.stride(1),
             gates_ptr=a.gates, cell_ptr=a.cell, hbuf_ptr=hbuf, cbuf_ptr=cbuf,
-            flags_ptr=flags, err_ptr=err, s_begin=first, s_end=last + 1, T=a.T, B=a.B, H=a.H,
+            flags_ptr=flags, err_ptr=err, wait_ns=wait, s_begin=first, s_end=last + 1, T=a.T, B=a.B, H=a.H,
             BT=cfg.block_b, CELL=a.mode, G=a.G, GP=_gates_padded(a.G), NSAVE=a.NSAVE,
             SAVE=a.save, ACC=a.ACC, PRECISION=a.precision,
             BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, BLOCK_N=BLOCK_N,
@@ -520,7 +555,7 @@ def backward(b: BackwardArgs, the_plan: Plan) -> None:
     check_errors()
     cfg = the_plan.config("_recurrence_bwd_coop_kernel")
     device = b.dy.device
-    nj, nbt, on_gpu, stepped, flags, err = _launch_state(the_plan, b.D, device)
+    nj, nbt, on_gpu, stepped, flags, err, wait = _launch_state(the_plan, b.D, device)
     acc = acc_dtype(b.dy.dtype)
     gbuf = torch.zeros(2, b.D, b.B, b.G * b.H, device=device, dtype=b.dgx.dtype)
     dhbuf = b.dhn.to(acc).contiguous().clone()
@@ -533,7 +568,7 @@ def backward(b: BackwardArgs, the_plan: Plan) -> None:
             h0_ptr=b.h0, c0_ptr=b.c0, gates_ptr=b.gates, cell_ptr=b.cell,
             w_hh_ptr=b.w_hh, len_ptr=b.lengths, dgx_ptr=b.dgx, dgh_ptr=b.dgh,
             dh0_ptr=b.dh0, dc0_ptr=b.dc0, gbuf_ptr=gbuf, dhbuf_ptr=dhbuf, dcbuf_ptr=dcbuf,
-            flags_ptr=flags, err_ptr=err, k_begin=k_begin, k_end=k_end, T=b.T, B=b.B, H=b.H,
+            flags_ptr=flags, err_ptr=err, wait_ns=wait, k_begin=k_begin, k_end=k_end, T=b.T, B=b.B, H=b.H,
             BT=cfg.block_b, CELL=b.mode, G=b.G, NSAVE=b.NSAVE, ACC=b.ACC,
             PRECISION=b.precision, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, BLOCK_N=BLOCK_N,
             BLOCK_J=max(2, triton.next_power_of_2(nj)), SYNC=on_gpu,

@@ -114,6 +114,11 @@ def project(x: Tensor, w_ih: Tensor, b_x: Optional[Tensor], batch_first: bool) -
     return F.linear(x, w_ih, b_x)
 
 
+def _empty(T: int, B: int, w_hh: Tensor) -> bool:
+    """A problem with no step, no batch row or no hidden unit never reaches a kernel."""
+    return T == 0 or B == 0 or w_hh.numel() == 0
+
+
 def _some(t: Optional[Tensor]) -> Optional[Tensor]:
     """None for an absent or empty (placeholder) tensor."""
     return t if t is not None and t.numel() else None
@@ -132,7 +137,7 @@ def recurrence_op(x: Tensor, w_ih: Tensor, b_x: Optional[Tensor], h0: Tensor,
     entry point)."""
     y, hn, cn, gates, cell = _forward_outputs(mode, x, h0, w_hh, batch_first, save)
     T, B = x.shape[0], x.shape[1]
-    if B == 0:
+    if _empty(T, B, w_hh):  # nothing to compute: torch.nn's empty (or zero-width) results
         return y, hn, cn, gates, cell
     device = x.device
     the_plan = _plan(mode, B, w_hh, device, strategy)
@@ -198,7 +203,7 @@ def backward_impl(dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, len
     D, GH, P = w_hh.shape
     H = GH // _modes.NUM_GATES[mode]
     device = dy.device
-    if B == 0 or T == 0:
+    if _empty(T, B, w_hh):  # no step, row or unit: every gradient is zero (or empty)
         for g in grads:
             g.zero_()
         return grads
@@ -222,7 +227,7 @@ def backward_impl(dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, len
     def rows(t, width):
         """[T, B, width] -> [groups, T * B / groups, width]."""
         return t.reshape(T, groups, B // groups, width).transpose(0, 1).reshape(
-            groups, -1, width)
+            groups, T * (B // groups), width)
 
     def done(t):
         return t if groups > 1 else t[0]
@@ -395,7 +400,7 @@ class Recurrence(torch.autograd.Function):
         # The strategy the forward ran (resolved now if the caller left it to the op): the
         # backward runs the same one, whichever thread autograd runs it on.
         ctx.strategy = strategy or (_plan(mode, x.shape[1], w_hh, x.device, "").strategy
-                                    if x.shape[1] else "")
+                                    if not _empty(x.shape[0], x.shape[1], w_hh) else "")
         ctx.has_b_x = b_x is not None
         ctx.has_b_hn = b_hn is not None
         ctx.mark_non_differentiable(gates, cell)

@@ -116,7 +116,8 @@ class Compiler:
                  "dtype": dtype,
                  "constexprs": {k: str(v) for k, v in constexprs.items()},
                  "num_warps": options.get("num_warps", 4),
-                 "num_stages": options.get("num_stages", 3), "grid": list(grid)}
+                 "num_stages": options.get("num_stages", 3), "grid": list(grid),
+                 "cooperative_launch": bool(options.get("launch_cooperative_grid"))}
         try:
             compiled = triton.compile(ASTSource(fn, signature, constexprs),
                                       target=GPUTarget("cuda", self.spec.arch, 32),

@@ -43,7 +43,7 @@ def _load_prev(y_ptr, stride_yt, stride_yb, t_prev, init_ptr, init_rows, init_wi
 
 @triton.heuristics({**_LENGTHS, "HAS_BHN": lambda a: a["b_hn_ptr"] is not None,
                     "FAST": lambda a: fast_activations(a["w_hh_ptr"].dtype)})
-@triton.jit
+@triton.jit(do_not_specialize=["s"])  # one compiled kernel for every step
 def _recurrence_fwd_step_kernel(
     xg_ptr, stride_xt, stride_xb,      # [T, B, D*G*H]
     h0_ptr, c0_ptr,                    # [D, B, P], [D, B, H]
@@ -130,7 +130,7 @@ def _recurrence_fwd_step_kernel(
 
 
 @triton.heuristics(_LENGTHS)
-@triton.jit
+@triton.jit(do_not_specialize=["s"])  # one compiled kernel for every step
 def _projection_step_kernel(
     r_ptr, w_hr_ptr, h0_ptr, len_ptr,  # [D, B, H], [D, P, H], [D, B, P], [B]
     y_ptr, stride_yt, stride_yb,
@@ -173,7 +173,7 @@ def _projection_step_kernel(
 
 
 @triton.heuristics(_LENGTHS)
-@triton.jit
+@triton.jit(do_not_specialize=["k"])  # one compiled kernel for every step
 def _recurrence_bwd_step_dh_kernel(
     dy_ptr, stride_dyt, stride_dyb,    # [T, B, D*P]
     gates_ptr, w_hh_ptr, len_ptr,
@@ -254,7 +254,7 @@ def _recurrence_bwd_step_dh_kernel(
 
 @triton.heuristics({**_LENGTHS, "HAS_PROJ": lambda a: a["w_hr_ptr"] is not None,
                     "FAST": lambda a: fast_activations(a["dgx_ptr"].dtype)})
-@triton.jit
+@triton.jit(do_not_specialize=["k"])  # one compiled kernel for every step
 def _recurrence_bwd_step_gates_kernel(
     y_ptr, stride_yt, stride_yb, h0_ptr, c0_ptr,
     gates_ptr, cell_ptr, w_hr_ptr, len_ptr,
@@ -431,11 +431,41 @@ class StepLauncher:
             LAUNCHES[self.name] += 1
             return
         compiled = launch_kernel(self.kernel, self.grid, **{**self.kwargs, self.step_arg: step})
-        if compiled is not None:
+        if compiled is not None and compiled.__class__.__name__ == "CompiledKernel":
+            jit, _ = resolve_heuristics(self.kernel, self.kwargs)
+            check_step_signature(getattr(compiled, "src", None), jit.arg_names, self.step_arg,
+                                 self.name)
             try:
                 self._bind(compiled)
             except Exception:  # an unknown Triton launcher: keep the JIT path (slower, correct)
                 self._fast = None
+
+
+def check_step_signature(src, arg_names: list, step_arg: str, name: str) -> None:
+    """Raise unless the compiled kernel ``src`` (Triton's ASTSource) takes the step as a plain
+    runtime integer and its parameters are ``arg_names``, in order: the fast launcher reuses the
+    kernel for every step, so a step baked in as a constant (Triton specialises an int equal to
+    1) or as a divisibility assumption (a multiple of 16, like 0) would rerun that step, or break
+    the assumption, silently."""
+    signature = getattr(src, "signature", None)
+    if not isinstance(signature, dict):
+        return  # a Triton without this record: nothing to check against
+    problems = []
+    if list(signature) != list(arg_names):
+        problems.append(f"its parameters are {list(signature)}, the launcher passes {arg_names}")
+    else:
+        i = list(arg_names).index(step_arg)
+        kind = signature[step_arg]
+        if kind == "constexpr" or (i,) in getattr(src, "constants", {}):
+            problems.append(f"{step_arg!r} is compiled in as a constant")
+        elif not str(kind).startswith(("i", "u")):
+            problems.append(f"{step_arg!r} is compiled as {kind!r}, not an integer")
+        attrs = getattr(src, "attrs", {}).get((i,))
+        if attrs:
+            problems.append(f"{step_arg!r} is specialised ({attrs})")
+    if problems:
+        raise RuntimeError(f"fastrnn: the stepwise kernel {name} cannot be relaunched per step: "
+                           + "; ".join(problems))
 
 
 def _current_stream():

@@ -16,6 +16,7 @@ import triton
 
 from fastrnn.ops import select
 
+pytestmark = pytest.mark.host_only  # CPU-side compiles; bench/gpu_run.sh leaves them out
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 

@@ -11,6 +11,7 @@ from fastrnn import _modes
 from fastrnn.explain import explain_problem
 from fastrnn.ops import cooperative, select, stepwise
 from fastrnn.ops.args import BackwardArgs, ForwardArgs
+from tests.parity import DEVICE
 
 H100 = select.GPUS["H100"]
 CELLS = {"RNN": _modes.RNN_TANH, "LSTM": _modes.LSTM, "GRU": _modes.GRU}
@@ -71,28 +72,54 @@ def test_cooperative_plans_stay_within_the_gpu():
 
 
 def test_a_barrier_wait_gives_up_and_the_error_is_raised():
-    """Programs that never arrive (a grid that is not co-resident): the wait stops after its
-    budget, flags the error, and fastrnn raises with the remedy instead of hanging."""
+    """Programs that never arrive (a grid that is not co-resident): each wait stops after its
+    time bound (the GPU's timer; polls under the interpreter), flags the error, the program
+    waits no more, and fastrnn raises with the remedy instead of hanging."""
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def wait_for_nobody(flags_ptr, err_ptr, out_ptr):
-        budget = cooperative._await(flags_ptr, 3, 1, err_ptr, 50, 4, 8)
-        tl.store(out_ptr, budget)
+    on_gpu = DEVICE == "cuda"
 
-    flags = torch.zeros(3 * 8, dtype=torch.int32)
-    err = torch.zeros(1, dtype=torch.int32)
-    out = torch.full((1,), -1, dtype=torch.int32)
-    wait_for_nobody[(1,)](flags, err, out)
-    assert err.item() == 1 and out.item() == 0
+    @triton.jit
+    def wait_for_nobody(flags_ptr, err_ptr, out_ptr, wait_ns, GLOBALTIMER: tl.constexpr):
+        alive = cooperative._await(flags_ptr, 3, 1, err_ptr, 1, wait_ns, 4, 8, GLOBALTIMER)
+        tl.store(out_ptr, alive)
+        # A second wait after a timeout returns at once, still flagged.
+        alive = cooperative._await(flags_ptr, 3, 2, err_ptr, alive, wait_ns, 4, 8, GLOBALTIMER)
+        tl.store(out_ptr + 1, alive)
+
+    flags = torch.zeros(3 * 8, dtype=torch.int32, device=DEVICE)
+    err = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    out = torch.full((2,), -1, dtype=torch.int32, device=DEVICE)
+    bound = 20_000_000 if on_gpu else 50 * cooperative.POLL_NS  # 20 ms; 50 polls
+    start = time.perf_counter()
+    wait_for_nobody[(1,)](flags, err, out, bound, on_gpu)
+    if on_gpu:
+        torch.cuda.synchronize()
+        assert time.perf_counter() - start < 5  # seconds, not the old per-launch poll budget
+    assert err.item() == 1 and out.tolist() == [0, 0]
     with pytest.raises(RuntimeError, match="gave up waiting at a grid barrier.*stepwise"):
-        cooperative._watch(err, "forward")
-    flags[::8] = 1  # everyone arrived: no error
+        cooperative._watch(err, "forward")  # raises here on the CPU
+        torch.cuda.synchronize() if on_gpu else None
+        cooperative.check_errors()          # on a GPU, once the launch has finished
+    flags[::8] = 2  # everyone arrived: no error
     err.zero_()
-    wait_for_nobody[(1,)](flags, err, out)
-    assert err.item() == 0 and out.item() == 50
+    wait_for_nobody[(1,)](flags, err, out, bound, on_gpu)
+    assert err.item() == 0 and out.tolist() == [1, 1]
     cooperative._watch(err, "forward")
+    if on_gpu:
+        torch.cuda.synchronize()
+    cooperative.check_errors()
+
+
+def test_wait_bound_comes_from_fastrnn_wait_s(monkeypatch):
+    monkeypatch.delenv("FASTRNN_WAIT_S", raising=False)
+    assert cooperative.wait_ns() == 1_000_000_000
+    monkeypatch.setenv("FASTRNN_WAIT_S", "0.25")
+    assert cooperative.wait_ns() == 250_000_000
+    monkeypatch.setenv("FASTRNN_WAIT_S", "-1")
+    with pytest.raises(ValueError, match="FASTRNN_WAIT_S"):
+        cooperative.wait_ns()
 
 
 class _CompiledKernel:
@@ -195,3 +222,97 @@ for dtype in (torch.bfloat16, torch.float16):
     counts = dict(line.split(" ", 1) for line in out.stdout.splitlines())
     assert all(n > 0 for n in ast.literal_eval(counts["torch.bfloat16"])), counts
     assert all(n == 0 for n in ast.literal_eval(counts["torch.float16"])), counts
+
+
+def test_stepwise_kernels_never_specialise_on_the_step():
+    """What Triton's JIT would compile for sm_90 from a stepwise launch (its binder, run on the
+    launch's own arguments): the step is a plain runtime int whether the first launch is at
+    step 0 (a multiple of 16), 1 (Triton makes 1 a constant) or 17, so the one kernel the fast
+    launcher reuses computes every step; and the launcher's bind-time check refuses a kernel
+    compiled otherwise."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    launched = []
+    problem = select.Problem(_modes.LSTM, 3, 32, 16, 2, torch.float16)
+    with select.targeting(H100), select.launching_with(
+            lambda kernel, grid, kwargs: launched.append((kernel, kwargs))):
+        the_plan = select.plan(problem, H100, "stepwise")
+        fwd, bwd = _stepwise_args(problem, T=3)
+        stepwise.forward(fwd, the_plan)
+        stepwise.backward(bwd, the_plan)
+    kernels = {select.kernel_name(k): (k, kw) for k, kw in launched}
+    assert set(kernels) == set(stepwise.KERNELS["fwd"] + stepwise.KERNELS["bwd"])
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    for name, (kernel, kwargs) in kernels.items():
+        jit, values = select.resolve_heuristics(kernel, kwargs)
+        if not hasattr(jit, "signature"):  # the interpreter's stand-in: the JIT function it wraps
+            jit = JITFunction(jit.fn, **jit.kwargs)
+        step_arg = "s" if "s" in jit.arg_names else "k"
+        binder = create_function_from_signature(jit.signature, jit.params, backend)
+        i = jit.arg_names.index(step_arg)
+        seen = {binder(**{**values, step_arg: step})[1][i] for step in (0, 1, 16, 17)}
+        assert len(seen) == 1, (name, seen)
+        (kind, attr), = seen
+        assert kind not in ("constexpr",) and not attr, (name, kind, attr)
+
+    def src(kind, constants=None, attrs=None, names=("a", "s")):
+        return type("Src", (), dict(signature={"a": "*fp32", "s": kind} if names == ("a", "s")
+                                    else {n: "i32" for n in names},
+                                    constants=constants or {}, attrs=attrs or {}))()
+
+    stepwise.check_step_signature(src("i32"), ["a", "s"], "s", "k")
+    with pytest.raises(RuntimeError, match="'s' is compiled in as a constant"):
+        stepwise.check_step_signature(src("constexpr", {(1,): 1}), ["a", "s"], "s", "k")
+    with pytest.raises(RuntimeError, match="'s' is specialised"):
+        stepwise.check_step_signature(src("i32", attrs={(1,): [["tt.divisibility", 16]]}),
+                                      ["a", "s"], "s", "k")
+    with pytest.raises(RuntimeError, match="parameters are"):
+        stepwise.check_step_signature(src("i32", names=("s", "a")), ["a", "s"], "s", "k")
+
+
+def _stepwise_args(problem, T):
+    """Zeroed ForwardArgs and BackwardArgs for ``problem`` on the CPU (launches stubbed)."""
+    mode, B, H, P, D = problem.mode, problem.B, problem.H, problem.P, problem.D
+    G = _modes.NUM_GATES[mode]
+    lstm = mode == _modes.LSTM
+    z = lambda *s: torch.zeros(*s, dtype=problem.dtype)  # noqa: E731
+    fwd = ForwardArgs(mode=mode, T=T, B=B, H=H, P=P, D=D, precision="ieee",
+                      xg=z(T, B, D * G * H), h0=z(D, B, P), c0=z(D, B, H) if lstm else None,
+                      w_hh=z(D, G * H, P), b_hn=None,
+                      w_hr=z(D, P, H) if problem.has_proj else None,
+                      lengths=torch.full((B,), T, dtype=torch.int64), y=z(T, B, D * P),
+                      hn=z(D, B, P), cn=z(D, B, H) if lstm else None, gates=z(T, B, D, 4 * H),
+                      cell=torch.zeros(T, B, D, H) if lstm else None, save=True)
+    bwd = BackwardArgs(mode=mode, T=T, B=B, H=H, P=P, D=D, precision="ieee",
+                       dy=z(T, B, D * P), dhn=z(D, B, P), dcn=z(D, B, H) if lstm else None,
+                       y=fwd.y, h0=fwd.h0, c0=fwd.c0, gates=fwd.gates, cell=fwd.cell,
+                       w_hh=fwd.w_hh, w_hr=fwd.w_hr, lengths=fwd.lengths,
+                       dgx=z(T, B, D * G * H), dgh=None,
+                       dhp=z(T, B, D * P) if problem.has_proj else None,
+                       dh0=z(D, B, P), dc0=z(D, B, H) if lstm else None)
+    return fwd, bwd
+
+
+def test_compiling_for_a_gpu_compiles_the_cooperative_kernels_as_launched():
+    """Under select.targeting (the resource check, explain --gpu) the cooperative kernels get
+    what a GPU launch gives them, whatever the tensors' device: the barrier compiled in
+    (SYNC=True), one launch for the sequence, and the cooperative launch option where this
+    Triton has it."""
+    launched = []
+    problem = select.Problem(_modes.GRU, 4, 256, 256, 1, torch.float16)
+    with select.targeting(H100), select.launching_with(
+            lambda kernel, grid, kwargs: launched.append((select.kernel_name(kernel), kwargs))):
+        the_plan = select.plan(problem, H100, "cooperative")
+        assert the_plan.grid[0] > 1  # several programs per group: a barrier to compile
+        fwd, bwd = _stepwise_args(problem, T=3)
+        cooperative.forward(fwd, the_plan)
+        cooperative.backward(bwd, the_plan)
+    assert [name for name, _ in launched] == ["_recurrence_fwd_coop_kernel",
+                                              "_recurrence_bwd_coop_kernel"]
+    for _, kwargs in launched:
+        assert kwargs["SYNC"] is True
+        assert kwargs.get("launch_cooperative_grid", False) == \
+            cooperative._cooperative_launch_supported()
+        assert kwargs["wait_ns"] == cooperative.wait_ns()

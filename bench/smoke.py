@@ -1,0 +1,143 @@
+"""The GPU smoke stage of bench/gpu_run.sh: the most information per second of a rare GPU.
+
+    python bench/smoke.py OUT [--dry-run] [--max-seconds S]
+
+Runs the cooperative strategy for every cell at fp32 (TF32 on and off), fp16 and bf16, and the
+persistent and stepwise strategies for the LSTM at two precisions, some cases packed. Each case
+runs forward and backward with the strategy forced, against torch.nn in float64 (fastrnn's error
+within 2x of torch.nn's own in the same precision: fastrnn/parity.py), reads every cooperative
+barrier's error flag after a synchronize, counts the launches per kernel where they happen, and
+takes one timing. Each row is appended to OUT/smoke.jsonl and printed as it completes, so a run
+cut short keeps what it measured. Exit status 1 if any case failed.
+
+``--dry-run`` runs the same cases at toy sizes under Triton's CPU interpreter (fp32 and fp16
+only): the CPU test of this stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cases(dry_run: bool) -> list[tuple]:
+    """(strategy, cell, precision, packed) in the order they run: the unproven one first."""
+    precisions = ["tf32", "fp32", "fp16"] if dry_run else ["tf32", "fp32", "fp16", "bf16"]
+    out = [("cooperative", cell, p, cell == "GRU")
+           for p in precisions for cell in ("LSTM", "GRU", "RNN")]
+    out += [(s, "LSTM", p, s == "stepwise") for s in ("persistent", "stepwise")
+            for p in ("fp16", "tf32")]
+    return out
+
+
+def _dtype(precision: str) -> torch.dtype:
+    return {"tf32": torch.float32, "fp32": torch.float32, "fp16": torch.float16,
+            "bf16": torch.bfloat16}[precision]
+
+
+def run_case(strategy, cell, precision, packed, device, sizes) -> dict:
+    from fastrnn import parity
+    from fastrnn.ops import cooperative, select
+
+    T, B, I, H = sizes
+    if strategy == "persistent":
+        H = min(H, 32)  # the persistent strategy holds W_hh in one program
+    row = {"strategy": strategy, "cell": cell, "precision": precision, "packed": packed,
+           "T": T, "B": B, "I": I, "H": H}
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    before = collections.Counter(select.LAUNCHES)
+    start = time.perf_counter()
+    try:
+        with select.force_strategy(strategy):
+            case = parity.Case(cell, bidirectional=packed, packed=packed)
+            result = parity.check(case, device, _dtype(precision), T, B, I, H)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            cooperative.check_errors()  # every barrier completed (flags read after a sync)
+            row.update(ok=result["ok"], fastrnn_error=result["fastrnn_error"],
+                       torch_error=result["torch_error"],
+                       fastrnn_precision=result["fastrnn_precision"],
+                       first_call_seconds=round(result["seconds"], 4))
+            # One timing of forward + backward, compiles done.
+            model = getattr(__import__("fastrnn"), cell)(I, H, **case.kwargs()).to(
+                device, _dtype(precision))
+            x = torch.randn(T, B, I, device=device, dtype=_dtype(precision), requires_grad=True)
+            for timed in (False, True):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                out, _ = model(x)
+                out.float().sum().backward()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if timed:
+                    row["train_step_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
+            cooperative.check_errors()
+    except Exception as e:  # the row says what failed; the stage goes on
+        row.update(ok=False, error=f"{type(e).__name__}: {e}"[:1000],
+                   traceback=traceback.format_exc()[-2000:])
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+    launched = {k: n - before.get(k, 0) for k, n in select.LAUNCHES.items()
+                if n != before.get(k, 0)}
+    own = set(select.strategy_kernels(strategy))
+    row["launches"] = launched
+    if launched and not set(launched) <= own:
+        row.update(ok=False, error=f"kernels of another strategy ran: {sorted(set(launched) - own)}")
+    elif not launched and "error" not in row:
+        row.update(ok=False, error="no kernel launched")
+    row["seconds"] = round(time.perf_counter() - start, 3)
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", help="directory for smoke.jsonl")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="toy sizes under Triton's CPU interpreter (the stage's CPU check)")
+    ap.add_argument("--max-seconds", type=float, default=80.0,
+                    help="start no case after this many seconds (default 80)")
+    args = ap.parse_args(argv)
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # before fastrnn imports triton
+        device = torch.device("cpu")
+        sizes = (3, 2, 4, 32)     # T, B, I, H: two 16-unit slices per group under the interpreter
+    else:
+        device = torch.device("cuda")
+        sizes = (64, 16, 64, 256)  # several programs per group on an H100/H200
+    sys.path.insert(0, ROOT)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "smoke.jsonl")
+    start = time.perf_counter()
+    failed = skipped = 0
+    todo = cases(args.dry_run)
+    for i, (strategy, cell, precision, packed) in enumerate(todo):
+        if time.perf_counter() - start > args.max_seconds:
+            skipped = len(todo) - i
+            print(f"smoke: out of time, {skipped} case(s) not run", flush=True)
+            break
+        row = run_case(strategy, cell, precision, packed, device, sizes)
+        failed += not row["ok"]
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        summary = {k: row.get(k) for k in ("strategy", "cell", "precision", "packed", "ok",
+                                           "fastrnn_error", "torch_error", "train_step_ms",
+                                           "launches", "error")}
+        print("smoke:", json.dumps(summary), flush=True)
+    print(f"smoke: {len(todo) - skipped - failed}/{len(todo) - skipped} ok in "
+          f"{time.perf_counter() - start:.0f} s", flush=True)
+    return 1 if failed or skipped else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
