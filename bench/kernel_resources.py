@@ -32,7 +32,7 @@ import triton  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fastrnn import _modes  # noqa: E402
-from fastrnn.ops import resources, select  # noqa: E402
+from fastrnn.ops import dispatch, resources, select  # noqa: E402
 
 CELLS = {  # label -> (mode, proj)
     "rnn_tanh": (_modes.RNN_TANH, False),
@@ -72,7 +72,7 @@ def check(spec: select.DeviceSpec, quick: bool = False, cells=None, precisions=N
     for label, problem in problems(quick, cells, precisions):
         compiler.label = label
         entries = resources.compile_problem(problem, spec, compiler)
-        strategy = select.plan(problem, spec).strategy
+        strategy = dispatch.plan(problem, spec).strategy
         chosen[strategy] = chosen.get(strategy, 0) + 1
         del entries
     rows = list(compiler.results.values())

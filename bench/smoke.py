@@ -46,7 +46,7 @@ def _dtype(precision: str) -> torch.dtype:
 
 def run_case(strategy, cell, precision, packed, device, sizes) -> dict:
     from fastrnn import parity
-    from fastrnn.ops import cooperative, select
+    from fastrnn.ops import cooperative, dispatch, select
 
     T, B, I, H = sizes
     if strategy == "persistent":
@@ -58,7 +58,7 @@ def run_case(strategy, cell, precision, packed, device, sizes) -> dict:
     before = collections.Counter(select.LAUNCHES)
     start = time.perf_counter()
     try:
-        with select.force_strategy(strategy):
+        with dispatch.force_strategy(strategy):
             case = parity.Case(cell, bidirectional=packed, packed=packed)
             result = parity.check(case, device, _dtype(precision), T, B, I, H)
             if device.type == "cuda":
@@ -90,7 +90,7 @@ def run_case(strategy, cell, precision, packed, device, sizes) -> dict:
         torch.backends.cudnn.allow_tf32 = saved
     launched = {k: n - before.get(k, 0) for k, n in select.LAUNCHES.items()
                 if n != before.get(k, 0)}
-    own = set(select.strategy_kernels(strategy))
+    own = set(dispatch.strategy_kernels(strategy))
     row["launches"] = launched
     if launched and not set(launched) <= own:
         row.update(ok=False, error=f"kernels of another strategy ran: {sorted(set(launched) - own)}")

@@ -4,7 +4,7 @@
     python bench/tune_strategies.py --out strategies.json [--max-seconds 60]
 
 For each problem it times fastrnn's forward (inference) and training step under each strategy
-that can run it on this GPU (``select.plan``), and torch.nn beside them, and prints the fastest
+that can run it on this GPU (``dispatch.plan``), and torch.nn beside them, and prints the fastest
 strategy per problem and what selection picks. The JSON holds every measurement, with the device,
 versions and commit. ``--max-seconds`` stops starting new problems after that long.
 """
@@ -21,14 +21,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fastrnn import _modes  # noqa: E402
 from fastrnn import bench as fb  # noqa: E402
-from fastrnn.ops import select  # noqa: E402
+from fastrnn.ops import dispatch, select  # noqa: E402
 
 MODES = {"LSTM": _modes.LSTM, "GRU": _modes.GRU, "RNN_TANH": _modes.RNN_TANH}
 
 
 def applicable(mode: str, H: int, B: int, dtype: torch.dtype, device) -> list[str]:
     problem = select.Problem(MODES[mode], B, H, H, 1, dtype, select.precision(dtype, device))
-    return [s for s, why in select.why_not(problem, select.describe(device)).items()
+    return [s for s, why in dispatch.why_not(problem, select.describe(device)).items()
             if why is None]
 
 
@@ -62,14 +62,14 @@ def main():
             break
         config = fb.Config("tune", mode, a.T, B, H, H, dtype=dtype)
         torch_dtype = getattr(torch, dtype)
-        chosen = select.select_strategy(MODES[mode], H, H, B, torch_dtype, device)
+        chosen = dispatch.select_strategy(MODES[mode], H, H, B, torch_dtype, device)
         best = {}
         for strategy in applicable(mode, H, B, torch_dtype, device) + ["torch.nn"]:
             provider = "torch.nn" if strategy == "torch.nn" else "fastrnn"
             try:
                 case = fb.build_case(config, provider, device)
                 for phase, fn in (("fwd", case.forward), ("fwd+bwd", case.step)):
-                    with select.force_strategy(None if strategy == "torch.nn" else strategy):
+                    with dispatch.force_strategy(None if strategy == "torch.nn" else strategy):
                         ms = fb.time_ms(fn, device, budget_s=a.budget)
                     records.append({"mode": mode, "H": H, "B": B, "T": a.T, "dtype": dtype,
                                     "strategy": strategy, "chosen": chosen, "phase": phase,

@@ -4,7 +4,7 @@ from .backend import get_backend, use_kernels
 from .convert import convert, to_torch
 from .explain import explain
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
-from .ops.select import force_strategy, select_strategy
+from .ops.dispatch import force_strategy, select_strategy
 
 __version__ = "0.1.0"
 

@@ -86,11 +86,11 @@ def main(argv=None) -> int:
     if args.command == "parity":
         from .parity import report, write_json
 
-        sink = None
-        if args.jsonl:
-            def sink(row, path=args.jsonl):
+        def sink(row, path=args.jsonl):
+            if path:
                 with open(path, "a") as f:
                     f.write(json.dumps(row) + "\n")
+
         rows = report(sink=sink)
         if args.json:
             write_json(rows, args.json)

@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import _modes
 from .backend import interpreting, use_kernels
-from .ops import resources, select
+from .ops import dispatch, resources, select
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "fp64": torch.float64}
@@ -39,7 +39,7 @@ def _precision_text(problem: select.Problem) -> str:
 def explain_problem(problem: select.Problem, spec: select.DeviceSpec, T: int, layers: int = 1,
                     compiled: bool = True) -> list[dict]:
     """One entry per layer (the recurrence is the same problem in every layer)."""
-    the_plan = select.plan(problem, spec, select.forced_strategy() or None)
+    the_plan = dispatch.plan(problem, spec, dispatch.forced_strategy() or None)
     fwd, bwd = the_plan.launches(T)
     kernels = []
     if compiled and resources.available() and not spec.interpreter:
@@ -68,7 +68,7 @@ def explain_problem(problem: select.Problem, spec: select.DeviceSpec, T: int, la
             str(problem.dtype).replace("torch.", ""),
             "precision_text": _precision_text(problem), "device": spec.name,
             "grid": list(the_plan.grid), "kernels": kernels,
-            "other_strategies": {k: v for k, v in select.why_not(problem, spec).items()
+            "other_strategies": {k: v for k, v in dispatch.why_not(problem, spec).items()
                                  if k != the_plan.strategy}}
     return [{"layer": i, **base} for i in range(layers)]
 

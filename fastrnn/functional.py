@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _modes
-from .ops import select
+from .ops import dispatch
 from .ops.recurrence import recurrence
 
 
@@ -80,7 +80,7 @@ def _strategy(mode: int, h0: Tensor, w_hh: Tensor) -> str:
     if B == 0 or w_hh.numel() == 0:
         return ""  # an empty problem: no kernel runs (ops/recurrence.py)
     G = _modes.NUM_GATES[mode]
-    return select.resolve(mode, B, w_hh.shape[1] // G, P, D, w_hh.dtype, h0.device)
+    return dispatch.resolve(mode, B, w_hh.shape[1] // G, P, D, w_hh.dtype, h0.device)
 
 
 def rnn(mode: int, input: Tensor, hx: Tensor, cx: Tensor | None, weights: list[Tensor], *,

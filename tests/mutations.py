@@ -35,10 +35,10 @@ class Mutation:
 MUTATIONS = (
     Mutation(
         "forced-cooperative-runs-persistent", "fastrnn/ops/recurrence.py",
-        "                       strategy or select.forced_strategy() or None)",
+        "                       strategy or dispatch.forced_strategy() or None)",
         "                       {'cooperative': 'persistent'}.get(\n"
-        "                           strategy or select.forced_strategy(),\n"
-        "                           strategy or select.forced_strategy()) or None)",
+        "                           strategy or dispatch.forced_strategy(),\n"
+        "                           strategy or dispatch.forced_strategy()) or None)",
         ("tests/ops/test_recurrence.py::test_op_batch_first_layout[cooperative]",
          "tests/test_parity.py::test_nan_propagates_like_torch[cooperative-gru]"),
         "a forced strategy must be the one that runs"),

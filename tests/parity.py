@@ -21,8 +21,9 @@ import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastrnn
-from fastrnn.ops import select
-from fastrnn.ops.select import LAUNCHES, force_strategy
+from fastrnn.ops import dispatch
+from fastrnn.ops.dispatch import force_strategy
+from fastrnn.ops.select import LAUNCHES
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KINDS = ("padded", "packed_sorted", "packed_unsorted", "unbatched")
@@ -35,13 +36,13 @@ TORCH_RNN_OPS = ("lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell", "gru_cell",
 def launches(direction: str | None = None, strategy: str | None = None) -> int:
     """fastrnn kernel launches counted where they happen (``select.launch_kernel`` and the
     stepwise fast launcher), of one pass ("fwd", "bwd") or both, one strategy or all."""
-    return select.launch_counts(strategy, direction)
+    return dispatch.launch_counts(strategy, direction)
 
 
 def _grown(before: collections.Counter) -> dict:
     """Kernels launched since ``before``, by name; every name must belong to a strategy."""
     grown = {k: n - before.get(k, 0) for k, n in LAUNCHES.items() if n != before.get(k, 0)}
-    known = {k for s in STRATEGIES for k in select.strategy_kernels(s)}
+    known = {k for s in STRATEGIES for k in dispatch.strategy_kernels(s)}
     assert set(grown) <= known, f"kernels no strategy declares launched: {set(grown) - known}"
     return grown
 
@@ -55,10 +56,10 @@ def strategy_runs(strategy: str, backward: bool | None = None):
     with force_strategy(strategy), refusing_torch_rnn():
         yield
     grown = _grown(before)
-    others = {k: n for k, n in grown.items() if k not in select.strategy_kernels(strategy)}
+    others = {k: n for k, n in grown.items() if k not in dispatch.strategy_kernels(strategy)}
     assert not others, f"forced {strategy!r}, but other strategies' kernels ran: {others}"
-    fwd = sum(grown.get(k, 0) for k in select.strategy_kernels(strategy, "fwd"))
-    bwd = sum(grown.get(k, 0) for k in select.strategy_kernels(strategy, "bwd"))
+    fwd = sum(grown.get(k, 0) for k in dispatch.strategy_kernels(strategy, "fwd"))
+    bwd = sum(grown.get(k, 0) for k in dispatch.strategy_kernels(strategy, "bwd"))
     assert fwd > 0, f"forced {strategy!r}, but none of its forward kernels launched"
     if backward is not None:
         assert (bwd > 0) == backward, f"{strategy!r} backward kernels launched: {bwd}"
@@ -102,8 +103,8 @@ def through_kernels(backward: bool = True):
     with refusing_torch_rnn():
         yield
     grown = _grown(before)
-    fwd = sum(grown.get(k, 0) for s in STRATEGIES for k in select.strategy_kernels(s, "fwd"))
-    bwd = sum(grown.get(k, 0) for s in STRATEGIES for k in select.strategy_kernels(s, "bwd"))
+    fwd = sum(grown.get(k, 0) for s in STRATEGIES for k in dispatch.strategy_kernels(s, "fwd"))
+    bwd = sum(grown.get(k, 0) for s in STRATEGIES for k in dispatch.strategy_kernels(s, "bwd"))
     assert fwd > 0, "no fastrnn forward kernel launched"
     if backward:
         assert bwd > 0, "no fastrnn backward kernel launched"

@@ -5,8 +5,9 @@ import torch
 
 import fastrnn
 from fastrnn import _modes, backend
-from fastrnn.ops import select
-from fastrnn.ops.select import GPUS, Problem, select_strategy
+from fastrnn.ops import dispatch
+from fastrnn.ops.dispatch import select_strategy
+from fastrnn.ops.select import GPUS, Problem
 from tests.parity import DEVICE, launches, make_pair
 
 
@@ -66,11 +67,11 @@ def test_strategy_env_override(monkeypatch):
 def test_selection_by_size(gpu):
     spec = GPUS[gpu]
     small = Problem(_modes.LSTM, 8, 32, 32, 1, torch.float16)
-    assert select.plan(small, spec).strategy == "persistent"
+    assert dispatch.plan(small, spec).strategy == "persistent"
     large = Problem(_modes.LSTM, 8, 4096, 4096, 1, torch.float16)
-    assert select.plan(large, spec).strategy == "stepwise"
+    assert dispatch.plan(large, spec).strategy == "stepwise"
     fp64 = Problem(_modes.LSTM, 8, 32, 32, 1, torch.float64)
-    assert select.plan(fp64, spec).strategy == "stepwise"  # checking, not speed, on a GPU
+    assert dispatch.plan(fp64, spec).strategy == "stepwise"  # checking, not speed, on a GPU
 
 
 def test_forcing_a_strategy_that_cannot_fit_raises_before_launching():
@@ -79,10 +80,10 @@ def test_forcing_a_strategy_that_cannot_fit_raises_before_launching():
     big = Problem(_modes.LSTM, 16, 1024, 1024, 1, torch.float32, "tf32")
     with pytest.raises(RuntimeError, match=r"strategy 'persistent' cannot run LSTM "
                                            r"hidden_size=1024 .* on H100: W_hh is"):
-        select.plan(big, GPUS["H100"], "persistent")
+        dispatch.plan(big, GPUS["H100"], "persistent")
     proj = Problem(_modes.LSTM, 16, 64, 16, 1, torch.float32, "tf32")
     with pytest.raises(RuntimeError, match="cooperative.*no proj_size"):
-        select.plan(proj, GPUS["H100"], "cooperative")
+        dispatch.plan(proj, GPUS["H100"], "cooperative")
     # And through a module: nothing launches.
     lstm = fastrnn.LSTM(3, 4, proj_size=2).to(DEVICE)
     before = launches()

@@ -38,14 +38,14 @@ def test_explain_matches_what_the_layer_launches(name, kwargs, T, strategy, per_
                                                  monkeypatch, request):
     """explain's strategy, kernels and launch figures against the launches counted where they
     happen, for every strategy (forced: the interpreter runs all three)."""
-    from fastrnn.ops import cooperative, select
+    from fastrnn.ops import cooperative, dispatch, select
 
     if strategy == "cooperative-sliced":  # several programs per group: one launch per step here
         if DEVICE != "cpu":
             pytest.skip("one launch per layer on a GPU (tests/ops/test_recurrence.py)")
         monkeypatch.setattr(cooperative, "INTERPRETER_SLICE", 2)
-        select.plan.cache_clear()
-        request.addfinalizer(select.plan.cache_clear)
+        dispatch.plan.cache_clear()
+        request.addfinalizer(dispatch.plan.cache_clear)
         strategy = "cooperative"
     layer = getattr(fastrnn, name)(3, 6, **kwargs).to(DEVICE)
     x = torch.randn(T, 2, 3, device=DEVICE, requires_grad=True)

@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call, grad, jacfwd, jacrev, stack_module_state, vmap
 
 import fastrnn
-from fastrnn.ops.select import force_strategy
+from fastrnn.ops.dispatch import force_strategy
 from tests.parity import DEVICE, launches, strategy_runs, through_kernels
 
 MODULES = {  # id -> (class name, constructor kwargs)

@@ -11,8 +11,7 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from fastrnn.ops.select import force_strategy
-from tests.parity import DEVICE, assert_close_to_truth, exact_twin, make_pair
+from tests.parity import DEVICE, assert_close_to_truth, exact_twin, make_pair, strategy_runs
 
 CELLS = {"rnn_tanh": ("RNN", {}), "rnn_relu": ("RNN", {"nonlinearity": "relu"}),
          "lstm": ("LSTM", {}), "gru": ("GRU", {})}
@@ -111,7 +110,7 @@ def test_fuzzed_parity_with_torch_nn(cfg):
         if name == "LSTM":
             hx.append(torch.randn(cfg["layers"] * D, *batch, H, generator=g))
     x, hx = x.to(DEVICE), [h.to(DEVICE) for h in hx]
-    with force_strategy(cfg["strategy"]):
+    with strategy_runs(cfg["strategy"], backward=True):
         got = _run(fast, cfg, x, hx)
     want = _run(ref, cfg, x, hx)
     truth = _run(exact_twin(ref), cfg, x.cpu().double(), [h.cpu().double() for h in hx])

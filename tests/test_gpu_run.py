@@ -99,7 +99,7 @@ def test_smoke_stage_runs_under_the_interpreter_and_writes_rows_as_it_goes(tmp_p
 
 
 def _owner(kernel):
-    from fastrnn.ops import select
+    from fastrnn.ops import dispatch
 
     return [s for s in ("persistent", "stepwise", "cooperative")
-            if kernel in select.strategy_kernels(s)]
+            if kernel in dispatch.strategy_kernels(s)]

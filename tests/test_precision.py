@@ -11,9 +11,8 @@ import copy
 import pytest
 import torch
 
-import fastrnn
 from fastrnn.ops import recurrence as rec
-from fastrnn.ops import select
+from fastrnn.ops import dispatch, select
 from tests.parity import (DEVICE, assert_close_to_truth, exact_twin, full_fp32, make_inputs,
                           make_pair, run, strategy_runs, through_kernels)
 
@@ -104,10 +103,10 @@ def test_cooperative_plans_many_programs_per_group(gpu_name):
     for mode, H, B, D in [(_modes.LSTM, 256, 16, 1), (_modes.GRU, 128, 64, 2),
                           (_modes.RNN_TANH, 512, 8, 1)]:
         problem = select.Problem(mode, B, H, H, D, torch.float16)
-        the_plan = select.plan(problem, spec, "cooperative")
+        the_plan = dispatch.plan(problem, spec, "cooperative")
         per_group, batch_tiles, directions = the_plan.grid
         assert per_group > 1 and per_group * batch_tiles * directions <= spec.sm_count
-        assert select.plan(problem, spec).strategy == "cooperative"
+        assert dispatch.plan(problem, spec).strategy == "cooperative"
 
 
 def _errors(name, kwargs, dtype, strategy, I=32, H=64, T=20, B=8, kind="padded"):

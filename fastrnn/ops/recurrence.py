@@ -11,7 +11,7 @@ gradients (double backward) differentiate the plain-PyTorch reference, recompute
 inputs; forward-mode AD (jvp) likewise. Both ops have vmap rules (torch.func): a vmapped
 dimension folds into the batch, one launch for all samples.
 
-``strategy`` names the kernel strategy (``select.resolve`` decides it where the layer is called;
+``strategy`` names the kernel strategy (``dispatch.resolve`` decides it where the layer is called;
 "" lets the op decide). The autograd context records it, so the backward runs the strategy the
 forward ran, on whichever thread autograd runs it.
 
@@ -38,9 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _modes
-from . import select
+from . import dispatch, select
 from .args import BackwardArgs, ForwardArgs, acc_dtype
-from .select import LAUNCHES, force_strategy, select_strategy  # noqa: F401 (public names)
 
 
 def _problem(mode: int, B: int, w_hh: Tensor, device: torch.device) -> select.Problem:
@@ -50,8 +49,8 @@ def _problem(mode: int, B: int, w_hh: Tensor, device: torch.device) -> select.Pr
 
 
 def _plan(mode: int, B: int, w_hh: Tensor, device: torch.device, strategy: str) -> select.Plan:
-    return select.plan(_problem(mode, B, w_hh, device), select.describe(device),
-                       strategy or select.forced_strategy() or None)
+    return dispatch.plan(_problem(mode, B, w_hh, device), select.describe(device),
+                       strategy or dispatch.forced_strategy() or None)
 
 
 @contextlib.contextmanager
@@ -151,7 +150,7 @@ def recurrence_op(x: Tensor, w_ih: Tensor, b_x: Optional[Tensor], h0: Tensor,
         w_hh=w_hh.contiguous(), b_hn=b_hn.contiguous() if b_hn is not None else None,
         w_hr=w_hr.contiguous() if w_hr is not None else None, lengths=_lengths(lengths, device),
         y=y, hn=hn, cn=_some(cn), gates=_some(gates), cell=_some(cell), save=save)
-    select.launch(the_plan.strategy, "fwd", args, the_plan)
+    dispatch.launch(the_plan.strategy, "fwd", args, the_plan)
     return y, hn, cn, gates, cell
 
 
@@ -221,7 +220,7 @@ def backward_impl(dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, len
         gates=_some(gates), cell=_some(cell), w_hh=w_hh.contiguous(),
         w_hr=w_hr.contiguous() if w_hr is not None else None, lengths=_lengths(lengths, device),
         dgx=dgx, dgh=dgh, dhp=dhp, dh0=dh0_k, dc0=dc0_k)
-    select.launch(the_plan.strategy, "bwd", args, the_plan)
+    dispatch.launch(the_plan.strategy, "bwd", args, the_plan)
 
     # Everything parallel over time: whole-sequence GEMMs (per group of rows under vmap).
     def rows(t, width):

@@ -26,7 +26,7 @@ import triton
 
 from .. import _modes
 from ..backend import interpreting
-from . import select
+from . import dispatch, select
 
 _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
           torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64"}
@@ -155,7 +155,7 @@ def compile_problem(problem: select.Problem, spec: select.DeviceSpec, compiler: 
     lengths = torch.full((B,), T, dtype=torch.int64)
     compiler.used = []
     with _LOCK, select.targeting(spec, problem.precision), select.launching_with(compiler):
-        chosen = select.plan(problem, spec, strategy).strategy
+        chosen = dispatch.plan(problem, spec, strategy).strategy
         y, hn, cn, gates, cell = rec.recurrence(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths,
                                                 mode, False, True, chosen)
         rec.recurrence_backward(torch.zeros_like(y), torch.zeros_like(hn),

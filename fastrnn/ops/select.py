@@ -1,24 +1,13 @@
-"""Strategy choice and launch bookkeeping: which kernels run a recurrence, with which tiles.
+"""What every strategy and the dispatch above them share: descriptions of the device and the
+problem, plans and kernel tiles, and the one place kernels launch.
 
 Selection is a pure function of the problem (:class:`Problem`: cell, sizes, dtype, precision) and
 a description of the device (:class:`DeviceSpec`: SM count, shared memory per block, registers per
-SM, compute capability), so it can be tested on a CPU for any GPU and explained to users
-(``fastrnn.explain``, ``python -m fastrnn explain``). Each strategy module sizes its tiles from a
-byte budget of that device (``plan(problem, spec)``) and raises DoesNotFit where it cannot; this
-module picks among them:
-
-1. ``persistent``: one program per (batch tile, direction), the whole W_hh on one SM: best for
-   small hidden sizes (measured on an H100, fp16 LSTM B=16: 2.5 us per step at H=64 against
-   3.3 us cooperative; 5.4 against 3.7 at H=128).
-2. ``cooperative``: programs share each recurrence, one grid barrier per step, W_hh sliced over
-   the SMs (its first version ran at 3.3-5.3 us per step on an H100; this one is unmeasured).
-3. ``stepwise``: one launch per step; any size (its launches bypass Triton's Python launch path
-   after the first step, which cost 25-65 us per step on the H100's host). fp64
-   layers on a GPU always run it: they are for checking, not speed, and one configuration keeps
-   the compiled variants few.
-
-``force_strategy`` / ``FASTRNN_STRATEGY`` override the choice; a forced strategy that cannot run a
-problem on the device raises before anything is launched.
+SM, compute capability), so it can be tested on a CPU for any GPU and explained to users. Each
+strategy module (persistent, cooperative, stepwise) imports this module and sizes its tiles from a
+byte budget of the device (``plan(problem, spec)``), raising :class:`DoesNotFit` where it cannot;
+``dispatch`` imports the strategies, chooses among them and launches. Data flows one way:
+select <- strategies <- dispatch <- recurrence.
 """
 
 from __future__ import annotations
@@ -29,7 +18,6 @@ import contextvars
 import dataclasses
 import functools
 import os
-import threading
 from typing import Optional
 
 import torch
@@ -37,9 +25,6 @@ import triton
 
 from .. import _modes
 from ..backend import interpreting
-
-STRATEGY_NAMES = ("persistent", "cooperative", "stepwise")
-
 
 # ---------------------------------------------------------------------------------------------
 # The device.
@@ -219,101 +204,6 @@ class DoesNotFit(Exception):
     """A strategy cannot run a problem on a device; the message says why."""
 
 
-def _strategies():
-    from . import cooperative, persistent, stepwise  # strategies import this module
-
-    return {"persistent": persistent, "cooperative": cooperative, "stepwise": stepwise}
-
-
-@functools.lru_cache(maxsize=4096)
-def plan(problem: Problem, spec: DeviceSpec, strategy: Optional[str] = None) -> Plan:
-    """The plan for ``problem`` on ``spec``: the forced ``strategy``, or the choice described in
-    this module's docstring. Raises ValueError (unknown strategy) or RuntimeError (the strategy
-    cannot run the problem on this device) before anything runs."""
-    modules = _strategies()
-    if strategy:
-        module = modules[check_strategy(strategy)]
-        try:
-            return module.plan(problem, spec)
-        except DoesNotFit as e:
-            raise RuntimeError(
-                f"fastrnn: strategy {strategy!r} cannot run {problem.describe()} on {spec.name}: "
-                f"{e}. Choose another with fastrnn.force_strategy or FASTRNN_STRATEGY, or leave "
-                "the choice to fastrnn") from None
-    reasons = []
-    for name in STRATEGY_NAMES:
-        if name == "cooperative" and spec.interpreter:
-            continue  # the interpreter runs it only when asked for (one program per group)
-        if problem.dtype == torch.float64 and not spec.interpreter and name != "stepwise":
-            continue  # fp64 on a GPU is for checking, not speed: one strategy, one configuration
-        try:
-            return modules[name].plan(problem, spec)
-        except DoesNotFit as e:
-            reasons.append(f"{name}: {e}")
-    raise RuntimeError(f"fastrnn: no strategy fits {problem.describe()} on {spec.name} "
-                       f"({'; '.join(reasons)})")
-
-
-def why_not(problem: Problem, spec: DeviceSpec) -> dict:
-    """For each strategy, None if it can run the problem, else the reason it cannot."""
-    out = {}
-    for name, module in _strategies().items():
-        try:
-            module.plan(problem, spec)
-            out[name] = None
-        except DoesNotFit as e:
-            out[name] = str(e)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Forcing a strategy.
-
-# Per thread / task, so one thread's override never leaks into another's.
-_forced: contextvars.ContextVar = contextvars.ContextVar("fastrnn_strategy", default=None)
-
-
-def check_strategy(name: str) -> str:
-    if name not in STRATEGY_NAMES:
-        raise ValueError(f"unknown fastrnn strategy {name!r}; choose from {sorted(STRATEGY_NAMES)}")
-    return name
-
-
-@contextlib.contextmanager
-def force_strategy(name: Optional[str]):
-    """Run every recurrence started inside the block with strategy ``name`` (None: automatic).
-    The backward of such a recurrence runs the same strategy, wherever it runs."""
-    token = _forced.set(None if name is None else check_strategy(name))
-    try:
-        yield
-    finally:
-        _forced.reset(token)
-
-
-def forced_strategy() -> str:
-    """The strategy forced here and now ("" for automatic)."""
-    name = _forced.get() or os.environ.get("FASTRNN_STRATEGY", "").strip()
-    return check_strategy(name) if name else ""
-
-
-@torch.compiler.assume_constant_result
-def resolve(mode: int, B: int, H: int, P: int, D: int, dtype: torch.dtype,
-            device: torch.device) -> str:
-    """The strategy a layer runs, decided where the layer is called (so a forced strategy is
-    read on the caller's thread and recorded for the backward). torch.compile bakes it into
-    the graph."""
-    problem = Problem(mode, B, H, P, D, dtype, precision(dtype, device))
-    return plan(problem, describe(device), forced_strategy() or None).strategy
-
-
-def select_strategy(mode: int, H: int, P: int, B: int, dtype: torch.dtype, device: torch.device,
-                    has_proj: bool = False, directions: int = 1) -> str:
-    """The strategy a recurrence of these sizes runs on ``device`` (forced or chosen)."""
-    del has_proj  # implied by P != H
-    problem = Problem(mode, B, H, P, directions, dtype, precision(dtype, device))
-    return plan(problem, describe(device), forced_strategy() or None).strategy
-
-
 # ---------------------------------------------------------------------------------------------
 # Launch bookkeeping.
 
@@ -378,36 +268,6 @@ def resolve_heuristics(kernel, kwargs: dict):
 # stepwise fast launcher count them; nothing counts on a strategy's behalf). Tests read them
 # through ``launch_counts``.
 LAUNCHES: collections.Counter = collections.Counter()
-
-
-def strategy_kernels(strategy: str, direction: Optional[str] = None) -> tuple:
-    """The kernels a strategy launches in one pass ("fwd", "bwd") or both (``KERNELS`` in its
-    module)."""
-    table = _strategies()[check_strategy(strategy)].KERNELS
-    return tuple(k for d in ("fwd", "bwd") if direction in (None, d) for k in table[d])
-
-
-def launch_counts(strategy: Optional[str] = None, direction: Optional[str] = None) -> int:
-    """Kernel launches counted so far, of one strategy (or all) and one pass (or both)."""
-    names = [k for s in ([strategy] if strategy else STRATEGY_NAMES)
-             for k in strategy_kernels(s, direction)]
-    return sum(LAUNCHES[k] for k in names)
-
-
-# The Triton interpreter patches triton.language globally while a kernel runs, so two threads
-# must not interpret kernels at once. On a GPU, launches need no lock.
-_INTERPRETER_LOCK = threading.Lock()
-
-
-def launch(strategy: str, direction: str, args, the_plan: Plan) -> None:
-    """Run one pass ("fwd" or "bwd") of ``strategy``."""
-    module = _strategies()[strategy]
-    run = module.forward if direction == "fwd" else module.backward
-    if interpreting():
-        with _INTERPRETER_LOCK:
-            run(args, the_plan)
-    else:
-        run(args, the_plan)
 
 
 def block(n: int) -> int:

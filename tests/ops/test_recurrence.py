@@ -13,7 +13,7 @@ import torch
 
 from fastrnn import _modes
 from fastrnn.ops.recurrence import recurrence
-from fastrnn.ops.select import force_strategy
+from fastrnn.ops.dispatch import force_strategy
 from fastrnn.reference import recurrence_reference
 from tests.parity import DEVICE, launches, strategy_runs
 
@@ -187,20 +187,20 @@ def test_cooperative_with_many_programs_per_group(mode, D, slice_units, monkeypa
     standing in for the grid barrier: the same per-step code as on a GPU. With one program per
     group (64 units) the whole sequence is one launch, with the prefetch across steps."""
     with strategy_runs("cooperative", backward=True):
-        from fastrnn.ops import cooperative, select
+        from fastrnn.ops import cooperative, dispatch, select
 
         # Under the interpreter the slice is INTERPRETER_SLICE; on a GPU, the one slice offered.
         monkeypatch.setattr(cooperative, "INTERPRETER_SLICE", slice_units)
         monkeypatch.setattr(cooperative, "_SLICES", (slice_units,))
-        select.plan.cache_clear()  # plans are cached: none made with this slice may outlive it
-        request.addfinalizer(select.plan.cache_clear)
+        dispatch.plan.cache_clear()  # plans are cached: none made with this slice may outlive it
+        request.addfinalizer(dispatch.plan.cache_clear)
         m = MODES[mode]
         T, B, H = 4, 20, 40
         lengths = [4] + [1 + (7 * b) % 4 for b in range(1, B)]
         lengths.sort(reverse=True)
         args = _inputs(m, T, B, H, D, 0, lengths, seed=7)
         problem = select.Problem(m, B, H, H, D, torch.float64)
-        assert select.plan(problem, select.describe(torch.device(DEVICE)),
+        assert dispatch.plan(problem, select.describe(torch.device(DEVICE)),
                            "cooperative").grid[0] == -(-H // slice_units)
         leaves = [a.clone().requires_grad_(a.is_floating_point()) if a is not None else None
                   for a in args]

@@ -9,7 +9,7 @@ import torch
 
 from fastrnn import _modes
 from fastrnn.explain import explain_problem
-from fastrnn.ops import cooperative, select, stepwise
+from fastrnn.ops import cooperative, dispatch, select, stepwise
 from fastrnn.ops.args import BackwardArgs, ForwardArgs
 from tests.parity import DEVICE
 
@@ -61,7 +61,7 @@ def test_cooperative_plans_stay_within_the_gpu():
         spec = select.GPUS[gpu]
         problem = select.Problem(CELLS[cell], B, H, H, D, torch.float16)
         try:
-            plan = select.plan(problem, spec, "cooperative")
+            plan = dispatch.plan(problem, spec, "cooperative")
         except RuntimeError:
             continue
         nj, nbt, d = plan.grid
@@ -153,7 +153,7 @@ def test_stepwise_host_time_per_step_is_under_5_us(mode, monkeypatch):
     T, B, H, D = 4000, 8, 32, 2
     G = _modes.NUM_GATES[mode]
     problem = select.Problem(mode, B, H, H, D, torch.float32)
-    the_plan = select.plan(problem, select.GPUS["H100"], "stepwise")
+    the_plan = dispatch.plan(problem, select.GPUS["H100"], "stepwise")
     z = torch.zeros
     fwd = ForwardArgs(mode=mode, T=T, B=B, H=H, P=H, D=D, precision="tf32",
                       xg=z(T, B, D * G * H), h0=z(D, B, H),
@@ -238,7 +238,7 @@ def test_stepwise_kernels_never_specialise_on_the_step():
     problem = select.Problem(_modes.LSTM, 3, 32, 16, 2, torch.float16)
     with select.targeting(H100), select.launching_with(
             lambda kernel, grid, kwargs: launched.append((kernel, kwargs))):
-        the_plan = select.plan(problem, H100, "stepwise")
+        the_plan = dispatch.plan(problem, H100, "stepwise")
         fwd, bwd = _stepwise_args(problem, T=3)
         stepwise.forward(fwd, the_plan)
         stepwise.backward(bwd, the_plan)
@@ -304,7 +304,7 @@ def test_compiling_for_a_gpu_compiles_the_cooperative_kernels_as_launched():
     problem = select.Problem(_modes.GRU, 4, 256, 256, 1, torch.float16)
     with select.targeting(H100), select.launching_with(
             lambda kernel, grid, kwargs: launched.append((select.kernel_name(kernel), kwargs))):
-        the_plan = select.plan(problem, H100, "cooperative")
+        the_plan = dispatch.plan(problem, H100, "cooperative")
         assert the_plan.grid[0] > 1  # several programs per group: a barrier to compile
         fwd, bwd = _stepwise_args(problem, T=3)
         cooperative.forward(fwd, the_plan)
@@ -316,3 +316,29 @@ def test_compiling_for_a_gpu_compiles_the_cooperative_kernels_as_launched():
         assert kwargs.get("launch_cooperative_grid", False) == \
             cooperative._cooperative_launch_supported()
         assert kwargs["wait_ns"] == cooperative.wait_ns()
+
+
+def test_ops_imports_flow_one_way():
+    """select (descriptions, plans, the launch point) imports no strategy; strategies import no
+    dispatch, no recurrence and no other strategy; dispatch sits above them (no circle)."""
+    import ast
+    import os
+
+    import fastrnn.ops
+
+    here = os.path.dirname(fastrnn.ops.__file__)
+
+    def imports(module):
+        tree = ast.parse(open(os.path.join(here, module + ".py")).read())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                found |= {node.module} if node.module else {a.name for a in node.names}
+        return found
+
+    strategies = set(dispatch.STRATEGIES)
+    assert not imports("select") & (strategies | {"dispatch", "recurrence", "resources"})
+    for name in strategies:
+        assert not imports(name) & ((strategies - {name}) | {"dispatch", "recurrence"}), name
+    assert strategies <= imports("dispatch")
+    assert "dispatch" not in imports("select")
