@@ -32,7 +32,7 @@ import triton  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fastrnn import _modes  # noqa: E402
-from fastrnn.ops import dispatch, resources, select  # noqa: E402
+from fastrnn.ops import costs, dispatch, resources, select  # noqa: E402
 
 CELLS = {  # label -> (mode, proj)
     "rnn_tanh": (_modes.RNN_TANH, False),
@@ -64,6 +64,16 @@ def problems(quick: bool, cells=None, precisions=None):
         yield f"{cell}/{prec}/H{H}/B{B}/D{D}", select.Problem(mode, B, H, P, D, dtype, precision)
 
 
+def _step(row: dict, key: str) -> str:
+    """A static per-step figure of a variant (fastrnn/ops/costs.py), per program."""
+    step = row.get("per_step")
+    if not step:
+        return "-"
+    if key == "l2":
+        return str(step["l2_read_bytes"] + step["l2_write_bytes"])
+    return str(step[key])
+
+
 def check(spec: select.DeviceSpec, quick: bool = False, cells=None, precisions=None,
           echo=print) -> tuple[list, list]:
     compiler = resources.Compiler(spec)
@@ -72,14 +82,18 @@ def check(spec: select.DeviceSpec, quick: bool = False, cells=None, precisions=N
     for label, problem in problems(quick, cells, precisions):
         compiler.label = label
         entries = resources.compile_problem(problem, spec, compiler)
-        strategy = dispatch.plan(problem, spec).strategy
-        chosen[strategy] = chosen.get(strategy, 0) + 1
-        del entries
+        the_plan = dispatch.plan(problem, spec)
+        chosen[the_plan.strategy] = chosen.get(the_plan.strategy, 0) + 1
+        step = costs.per_step(problem, the_plan)
+        for e in entries:  # each variant's static cost, at the first problem that compiled it
+            if "per_step" not in e and e["kernel"] in step:
+                e["per_step"] = step[e["kernel"]]
     rows = list(compiler.results.values())
     echo(f"== {spec.name} (sm_{spec.arch}: {spec.sm_count} SMs, {spec.smem_per_block} bytes of "
          f"shared memory per block): strategies chosen {chosen}")
     echo(f"{'kernel':<36} {'first problem':<34} {'warps':>5} {'stg':>3} {'regs':>4} "
-         f"{'shared':>7} {'stack':>5} {'mma':>4} {'wgmma':>5}  fits")
+         f"{'shared':>7} {'stack':>5} {'mma':>4} {'wgmma':>5} {'smem/step':>9} {'L2/step':>8} "
+         f"{'bar':>3}  fits")
     for r in sorted(rows, key=lambda r: (r["kernel"], r["first_problem"])):
         if "error" in r:
             echo(f"{r['kernel']:<36} {r['first_problem']:<34} FAILED "
@@ -87,7 +101,8 @@ def check(spec: select.DeviceSpec, quick: bool = False, cells=None, precisions=N
             continue
         echo(f"{r['kernel']:<36} {r['first_problem']:<34} {r['num_warps']:>5} "
              f"{r['num_stages']:>3} {r['registers']:>4} {r['shared_memory_bytes']:>7} "
-             f"{r['stack_bytes']:>5} {r['mma']:>4} {r['wgmma']:>5}  "
+             f"{r['stack_bytes']:>5} {r['mma']:>4} {r['wgmma']:>5} "
+             f"{_step(r, 'smem_read_bytes'):>9} {_step(r, 'l2') :>8} {_step(r, 'barriers'):>3}  "
              f"{'NO: ' + r['misfit'] if r['misfit'] else 'yes'}")
     failed = [r for r in rows if "error" in r or r["misfit"]]
     spills = sum(1 for r in rows if r.get("stack_bytes", 0) > 0)

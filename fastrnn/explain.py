@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import _modes
 from .backend import interpreting, use_kernels
-from .ops import dispatch, resources, select
+from .ops import costs, dispatch, resources, select
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "fp64": torch.float64}
@@ -48,6 +48,7 @@ def explain_problem(problem: select.Problem, spec: select.DeviceSpec, T: int, la
         by_name = {e["kernel"]: e for e in entries}
     else:
         by_name = {}
+    step = costs.per_step(problem, the_plan)
     for cfg in the_plan.kernels:
         entry = by_name.get(cfg.kernel, {})
         kernels.append({
@@ -56,7 +57,8 @@ def explain_problem(problem: select.Problem, spec: select.DeviceSpec, T: int, la
             "estimated_shared_memory_bytes": cfg.shared_bytes,
             **{k: entry[k] for k in ("shared_memory_bytes", "registers", "stack_bytes", "mma",
                                      "wgmma") if k in entry},
-            **({"error": entry["error"]} if "error" in entry else {})})
+            **({"error": entry["error"]} if "error" in entry else {}),
+            "per_step": step[cfg.kernel]})
 
     def most(key):
         values = [k[key] for k in kernels if key in k]
@@ -97,6 +99,11 @@ def format_explanation(rows: list[dict], header: str = "") -> str:
                 figures = (f"about {k['estimated_shared_memory_bytes']} B shared memory "
                            "(estimate: no compiled figures here)")
             lines.append(f"  {k['kernel']}: {tiles}: {figures}")
+            s = k["per_step"]
+            lines.append(f"    per step and program: {s['smem_read_bytes']} B from shared memory, "
+                         f"{s['l2_read_bytes']} B read and {s['l2_write_bytes']} B written in "
+                         f"global memory/L2, {s['barriers']} barrier(s), {s['launches']} "
+                         f"launch(es): {s['model']}")
         others = "; ".join(f"{name}: {why}" for name, why in r["other_strategies"].items()
                            if why)
         if others:

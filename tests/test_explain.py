@@ -111,3 +111,37 @@ def test_cli_text_and_errors():
     bad = _cli("--mode", "GRU", "--input-size", "8", "--hidden-size", "16", "--batch", "4",
                "--seq-len", "10", "--proj-size", "4", "--gpu", "H100")
     assert bad.returncode == 2 and "--proj-size is for LSTM only" in bad.stderr
+
+
+def test_static_cost_per_step_for_every_strategy():
+    """explain's static per-step figures (fastrnn/ops/costs.py), for a described H100, against
+    the model worked by hand for a cooperative LSTM (bf16, H=1024, B=64: 16-unit slices, 32 rows
+    per group, two 16-row chunks), and present with a model line for every strategy's kernels."""
+    import torch
+
+    from fastrnn import _modes
+    from fastrnn.explain import explain_problem
+    from fastrnn.ops import select
+
+    h100 = select.GPUS["H100"]
+    rows = explain_problem(select.Problem(_modes.LSTM, 64, 1024, 1024, 1, torch.bfloat16),
+                           h100, 100, compiled=False)
+    assert rows[0]["strategy"] == "cooperative" and rows[0]["grid"][:2] == [64, 2]
+    fwd, bwd = (k["per_step"] for k in rows[0]["kernels"])
+    # W slice (4 gates x 16 units) x 1024 and a 1024 x 16 state chunk, bf16, per chunk (2).
+    assert fwd["smem_read_bytes"] == (64 * 1024 + 1024 * 16) * 2 * 2
+    # the group's h (32 x 1024), the slice's input projections (32 x 4 x 16), its c (fp32).
+    assert fwd["l2_read_bytes"] == 32 * 1024 * 2 + 32 * 64 * 2 + 32 * 16 * 4
+    assert (fwd["barriers"], fwd["launches"], bwd["barriers"], bwd["launches"]) == (1, 0, 1, 0)
+    # the group's gate gradients, 32 x 4 x 1024, dominate what the backward reads.
+    assert bwd["l2_read_bytes"] > 32 * 4 * 1024 * 2
+    for problem, strategy, launches in [
+            (select.Problem(_modes.GRU, 16, 64, 64, 2, torch.float16), "persistent", 0),
+            (select.Problem(_modes.LSTM, 16, 4096, 1024, 1, torch.float16), "stepwise", 1)]:
+        (row,) = explain_problem(problem, h100, 10, compiled=False)
+        assert row["strategy"] == strategy
+        for k in row["kernels"]:
+            s = k["per_step"]
+            assert s["launches"] == launches and s["model"]
+            assert s["barriers"] == (1 if strategy == "stepwise" else 0)
+            assert s["l2_read_bytes"] > 0 and s["l2_write_bytes"] > 0

@@ -117,9 +117,9 @@ def _live_tensors() -> tuple[int, int]:
     for t in tensors:
         try:
             s = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # tensors without storage (functorch, meta)
+            storages[(t.device, s.data_ptr())] = s.nbytes()
+        except (RuntimeError, NotImplementedError):  # no real storage (fake, functional, meta)
             continue
-        storages[(t.device, s.data_ptr())] = s.nbytes()
     return len(tensors), sum(storages.values())
 
 

@@ -92,7 +92,7 @@ def _await(flags_ptr, NJ, target, err_ptr, alive, wait_ns, BLOCK_J: tl.constexpr
     seen = tl.min(tl.where(m_j, tl.atomic_add(p, 0, mask=m_j, sem="acquire", scope="gpu"),
                            target), axis=0)
     if (seen < target) & (alive > 0):
-        waited = wait_ns * 0
+        waited = tl.full((), 0, tl.int64)
         if GLOBALTIMER:
             start = _now()
         while (seen < target) & (alive > 0):

@@ -1,0 +1,126 @@
+"""Static cost of one time step, per program, for each kernel of a plan: what a change to a kernel
+or a plan costs, judged on the CPU before a GPU confirms it (``explain`` and
+``bench/kernel_resources.py`` report it next to the compiled figures: registers, spills,
+tensor-core instruction kind).
+
+The model, per kernel, per program, per step of the sequence:
+
+* ``smem_read_bytes``: bytes the tensor-core products read from shared memory (each dot operand
+  staged there once per batch chunk; tf32x3 keeps two copies of an fp32 operand);
+* ``l2_read_bytes`` / ``l2_write_bytes``: bytes read from and written to global memory (L2 for
+  what other programs of the step wrote: the exchanged state; DRAM-backed for the rest), at the
+  tile's padded sizes, masks ignored;
+* ``barriers``: grid barriers the programs of a group meet at (cooperative) or kernel boundaries
+  that stand in for them (stepwise: one per launch);
+* ``launches``: kernel launches of this kernel per step (persistent and cooperative: 0, the whole
+  sequence is one launch).
+
+Activations saved for the backward are counted as written in training (``save``). Each entry
+states its model in one line (``model``).
+"""
+
+from __future__ import annotations
+
+import triton
+
+from .. import _modes
+from .select import Plan, Problem, block, operand_copies
+
+
+def _cooperative(problem: Problem, plan: Plan, cfg, forward: bool, save: bool) -> dict:
+    from .cooperative import BLOCK_N, _gates_padded
+
+    isz, acc = problem.itemsize, 8 if problem.itemsize == 8 else 4
+    G, U, K, BT = problem.G, cfg.block_h, cfg.block_k, cfg.block_b
+    chunks = triton.cdiv(BT, BLOCK_N)
+    copies = operand_copies(problem)
+    nj = plan.grid[0]
+    nsave = _modes.NUM_SAVED[problem.mode]
+    lstm = problem.mode == _modes.LSTM
+    if forward:
+        rows = _gates_padded(G) * U
+        smem = (rows * K + K * BLOCK_N) * isz * copies * chunks
+        read = BT * problem.H * isz + BT * G * U * isz + (BT * U * acc if lstm else 0)
+        write = 2 * BT * U * isz + (BT * U * acc if lstm else 0)
+        if save:
+            write += BT * nsave * U * isz + (BT * U * acc if lstm else 0)
+        model = (f"W slice [{rows}x{K}] + h chunk [{K}x{BLOCK_N}] from shared memory per chunk "
+                 f"({chunks}); reads the group's h ({BT}x{problem.H}) and its units' input "
+                 "projections; writes y and the exchanged h (and the saved gates)")
+    else:
+        smem = (G * U * K + G * K * BLOCK_N) * isz * copies * chunks
+        read = BT * G * problem.H * isz + BT * U * isz + BT * nsave * U * isz + BT * U * isz \
+            + (2 * BT * U * acc if lstm else 0)
+        write = 2 * BT * G * U * isz + (BT * U * acc if lstm else 0) + BT * U * acc
+        model = (f"W columns [{G}x{U}x{K}] + gate gradients [{G}x{K}x{BLOCK_N}] from shared "
+                 f"memory per chunk ({chunks}); reads the group's gate gradients ({BT}x{G}x"
+                 f"{problem.H}), its units' dy, saved gates and state; writes its gate gradients "
+                 "(exchanged and kept) and carried dh/dc")
+    return dict(smem_read_bytes=smem, l2_read_bytes=read, l2_write_bytes=write,
+                barriers=1 if nj > 1 else 0, launches=plan.launches_per_step[0 if forward else 1],
+                model=model)
+
+
+def _persistent(problem: Problem, plan: Plan, cfg, forward: bool, save: bool) -> dict:
+    isz, acc = problem.itemsize, 8 if problem.itemsize == 8 else 4
+    G, bh, bp, BB = problem.G, cfg.block_h, cfg.block_k, cfg.block_b
+    copies = operand_copies(problem)
+    weights = G * bh * bp + (bh * bp if problem.has_proj else 0)
+    nsave = _modes.NUM_SAVED[problem.mode]
+    lstm = problem.mode == _modes.LSTM
+    smem = (weights + BB * (bp + bh)) * isz * copies
+    if forward:
+        read = BB * G * bh * isz
+        write = BB * bp * isz + ((BB * nsave * bh * isz + (BB * bh * acc if lstm else 0))
+                                 if save else 0)
+        model = (f"all of W_hh [{G * bh}x{bp}] (and W_hr) and the state tile from shared memory; "
+                 "reads the input projections of its rows; writes y (and the saved gates)")
+    else:
+        read = BB * bp * isz * 2 + BB * nsave * bh * isz + (BB * bh * acc if lstm else 0)
+        write = BB * G * bh * isz * (2 if problem.mode == _modes.GRU else 1)
+        model = (f"all of W_hh [{G * bh}x{bp}] and the gradient tile from shared memory; reads "
+                 "dy, the previous state and the saved gates of its rows; writes their gate "
+                 "gradients")
+    return dict(smem_read_bytes=smem, l2_read_bytes=read, l2_write_bytes=write, barriers=0,
+                launches=0, model=model)
+
+
+def _stepwise(problem: Problem, plan: Plan, cfg, save: bool) -> dict:
+    isz = problem.itemsize
+    G, H, P, BB, bc = problem.G, problem.H, problem.P, cfg.block_b, cfg.block_h
+    copies = operand_copies(problem)
+    name = cfg.kernel
+    if name == "_recurrence_fwd_step_kernel":
+        k, operands, extra_read = P, G, BB * G * bc * isz
+        extra_write = BB * bc * isz * (1 + (_modes.NUM_SAVED[problem.mode] if save else 0))
+    elif name == "_projection_step_kernel":
+        k, operands, extra_read, extra_write = H, 1, 0, BB * bc * isz
+    elif name == "_recurrence_bwd_step_dh_kernel":
+        k, operands, extra_read, extra_write = H, G, BB * bc * isz, BB * bc * 4
+    else:  # _recurrence_bwd_step_gates_kernel
+        k, operands = P, 1 if problem.has_proj else 0
+        extra_read = BB * bc * (4 + isz * (1 + _modes.NUM_SAVED[problem.mode]))
+        extra_write = BB * G * bc * isz
+    k = block(k)
+    weights = operands * bc * k * isz            # this program's weight tile, from L2 each step
+    state = BB * k * isz if operands else 0      # the previous step's state (or gradients)
+    return dict(smem_read_bytes=(weights + state) * copies, l2_read_bytes=weights + state +
+                extra_read, l2_write_bytes=extra_write, barriers=1, launches=1,
+                model=(f"one launch per step: its weight tile [{operands}x{bc}x{k}] and the "
+                       f"state [{BB}x{k}] from L2 through shared memory; the kernel boundary is "
+                       "the barrier" if operands else "one launch per step, no product: "
+                       "pointwise gate gradients from L2; the kernel boundary is the barrier"))
+
+
+def per_step(problem: Problem, plan: Plan, save: bool = True) -> dict:
+    """{kernel name: the static cost of one step of it, per program} for ``plan``."""
+    out = {}
+    for cfg in plan.kernels:
+        forward = "_fwd_" in cfg.kernel or cfg.kernel == "_projection_step_kernel"
+        if plan.strategy == "cooperative":
+            out[cfg.kernel] = _cooperative(problem, plan, cfg, forward, save)
+        elif plan.strategy == "persistent":
+            out[cfg.kernel] = _persistent(problem, plan, cfg, forward, save)
+        else:
+            out[cfg.kernel] = _stepwise(problem, plan, cfg, save)
+    return out
