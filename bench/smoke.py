@@ -45,6 +45,7 @@ def _dtype(precision: str) -> torch.dtype:
 
 
 def run_case(strategy, cell, precision, packed, device, sizes) -> dict:
+    import fastrnn
     from fastrnn import parity
     from fastrnn.ops import cooperative, dispatch, select
 
@@ -69,8 +70,7 @@ def run_case(strategy, cell, precision, packed, device, sizes) -> dict:
                        fastrnn_precision=result["fastrnn_precision"],
                        first_call_seconds=round(result["seconds"], 4))
             # One timing of forward + backward, compiles done.
-            model = getattr(__import__("fastrnn"), cell)(I, H, **case.kwargs()).to(
-                device, _dtype(precision))
+            model = getattr(fastrnn, cell)(I, H, **case.kwargs()).to(device, _dtype(precision))
             x = torch.randn(T, B, I, device=device, dtype=_dtype(precision), requires_grad=True)
             for timed in (False, True):
                 if device.type == "cuda":

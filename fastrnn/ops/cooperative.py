@@ -44,9 +44,7 @@ from .select import (DeviceSpec, DoesNotFit, KernelConfig, Plan, Problem, block,
                      fast_activations, launch_kernel, operand_copies)
 
 FLAG_STRIDE = tl.constexpr(8)  # ints between two programs' flags: one 32-byte sector each
-
-
-POLL_NS = tl.constexpr(1000)  # what one poll counts for where there is no timer (interpreter)
+POLL_NS = tl.constexpr(1000)   # what one poll counts for where there is no timer (interpreter)
 
 
 def wait_ns() -> int:
