@@ -12,8 +12,8 @@ from torch.nn.utils.rnn import PackedSequence
 
 import fastrnn
 from tests.parity import (DEVICE, assert_forward_matches_torch, assert_matches_torch,
-                          assert_parity, make_inputs, make_pair, run, strategy_runs,
-                          through_kernels)
+                          assert_parity, launches, make_inputs, make_pair, run,
+                          strategy_runs, through_kernels)
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 I, H = 4, 6
@@ -194,11 +194,14 @@ def test_threads_give_sequential_results():
 
     threads = [threading.Thread(target=work, args=(i, s))
                for i, s in enumerate(("stepwise", "persistent"))]
+    before = {s: (launches("fwd", s), launches("bwd", s)) for s in ("stepwise", "persistent")}
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors, errors
+    for s, (fwd, bwd) in before.items():  # each thread ran its own strategy, both passes
+        assert launches("fwd", s) > fwd and launches("bwd", s) > bwd, s
     for got, want in zip(results, sequential):
         assert_parity(got, want, atol=1e-6, rtol=1e-6)
 
