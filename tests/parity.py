@@ -42,7 +42,7 @@ def launches(direction: str | None = None, strategy: str | None = None) -> int:
 def _grown(before: collections.Counter) -> dict:
     """Kernels launched since ``before``, by name; every name must belong to a strategy."""
     grown = {k: n - before.get(k, 0) for k, n in LAUNCHES.items() if n != before.get(k, 0)}
-    known = {k for s in STRATEGIES for k in dispatch.strategy_kernels(s)}
+    known = {k for s in dispatch.STRATEGY_NAMES for k in dispatch.strategy_kernels(s)}
     assert set(grown) <= known, f"kernels no strategy declares launched: {set(grown) - known}"
     return grown
 
@@ -103,8 +103,8 @@ def through_kernels(backward: bool = True):
     with refusing_torch_rnn():
         yield
     grown = _grown(before)
-    fwd = sum(grown.get(k, 0) for s in STRATEGIES for k in dispatch.strategy_kernels(s, "fwd"))
-    bwd = sum(grown.get(k, 0) for s in STRATEGIES for k in dispatch.strategy_kernels(s, "bwd"))
+    fwd = sum(n for k, n in grown.items() if k in dispatch.strategy_kernels_of("fwd"))
+    bwd = sum(n for k, n in grown.items() if k in dispatch.strategy_kernels_of("bwd"))
     assert fwd > 0, "no fastrnn forward kernel launched"
     if backward:
         assert bwd > 0, "no fastrnn backward kernel launched"

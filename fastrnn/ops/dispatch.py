@@ -140,6 +140,11 @@ def strategy_kernels(strategy: str, direction: Optional[str] = None) -> tuple:
     return tuple(k for d in ("fwd", "bwd") if direction in (None, d) for k in table[d])
 
 
+def strategy_kernels_of(direction: Optional[str] = None) -> tuple:
+    """Every strategy's kernels of one pass ("fwd", "bwd") or both."""
+    return tuple(k for s in STRATEGY_NAMES for k in strategy_kernels(s, direction))
+
+
 def launch_counts(strategy: Optional[str] = None, direction: Optional[str] = None) -> int:
     """Kernel launches counted so far, of one strategy (or all) and one pass (or both)."""
     names = [k for s in ([strategy] if strategy else STRATEGY_NAMES)
