@@ -247,22 +247,19 @@ def assert_close_to_truth(got: dict, want: dict, truth: dict, factor: float = 2.
             f"torch.nn's ({err_torch:.3g}) and the floor {floor:.3g}")
 
 
-def _kernels_ran(strategy: str | None, backward: bool, kernels: bool = True):
-    if not kernels:
-        return contextlib.nullcontext()
+def _kernels_ran(strategy: str | None, backward: bool):
     if strategy:
         return strategy_runs(strategy, backward=backward)
     return through_kernels(backward=backward)
 
 
 def assert_matches_torch(fast, ref, build, leaves, strategy: str | None = None,
-                         kernels: bool = True, **kwargs) -> dict:
+                         **kwargs) -> dict:
     """Run fastrnn (with ``strategy`` forced, if given), torch.nn and the float64 truth on the
     same inputs and upstream gradients; check fastrnn against torch.nn's own error, and that
-    fastrnn's run went through its kernels (``kernels=False``: a test of what runs without
-    them). Returns fastrnn's results."""
+    fastrnn's run went through its kernels. Returns fastrnn's results."""
     truth_module = exact_twin(ref)  # before any forward: parametrized weights deepcopy then
-    with _kernels_ran(strategy, True, kernels):
+    with _kernels_ran(strategy, True):
         got = run(fast, build, leaves)
     want = run(ref, build, leaves)
     truth = run(truth_module, build, leaves)

@@ -147,8 +147,7 @@ def strategy_kernels_of(direction: Optional[str] = None) -> tuple:
 
 def launch_counts(strategy: Optional[str] = None, direction: Optional[str] = None) -> int:
     """Kernel launches counted so far, of one strategy (or all) and one pass (or both)."""
-    names = [k for s in ([strategy] if strategy else STRATEGY_NAMES)
-             for k in strategy_kernels(s, direction)]
+    names = strategy_kernels(strategy, direction) if strategy else strategy_kernels_of(direction)
     return sum(LAUNCHES[k] for k in names)
 
 

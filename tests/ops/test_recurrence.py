@@ -59,6 +59,30 @@ def _reference(mode, x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths):
     return recurrence_reference(mode, xg, h0, c0, w_hh, b_hn, w_hr, lengths)
 
 
+def _assert_op_matches_reference(mode, strategy, args):
+    """The op with ``strategy`` against the reference in float64: every output, then every
+    input's gradient under random upstream gradients on every output."""
+    def leaves():
+        return [a.clone().requires_grad_(a.is_floating_point()) if a is not None else None
+                for a in args]
+
+    got_leaves, ref_leaves = leaves(), leaves()
+    got = _op(mode, False, strategy)(*got_leaves)
+    want = _reference(mode, *ref_leaves)
+    for g_, w_ in zip(got, want):
+        if w_ is not None:
+            torch.testing.assert_close(g_, w_, atol=1e-12, rtol=1e-12)
+    gen = torch.Generator().manual_seed(5)
+    ups = [torch.randn(w_.shape, generator=gen, dtype=w_.dtype).to(DEVICE)
+           for w_ in want if w_ is not None]
+    torch.autograd.backward([t for t in got if t is not None], ups)
+    torch.autograd.backward([t for t in want if t is not None], ups)
+    for name, a, b in zip(["x", "w_ih", "b_x", "h0", "c0", "w_hh", "b_hn", "w_hr"], got_leaves,
+                          ref_leaves):
+        if a is not None:
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=1e-12, msg=name)
+
+
 CASES = [c for c in itertools.product(MODES, (1, 2), (0, 2), ([], [5, 3, 3, 1]), (True, False),
                                      ("persistent", "stepwise", "cooperative"))
          if not (c[2] and (c[0] != "lstm" or c[5] == "cooperative"))]
@@ -72,29 +96,7 @@ def test_op_matches_reference_fp64(mode, D, proj, lengths, bias, strategy):
         m = MODES[mode]
         T, B, H = 5, 4, 3
         args = _inputs(m, T, B, H, D, proj, lengths, bias=bias)
-        leaves = [a.clone().requires_grad_(a.is_floating_point()) if a is not None else None
-                  for a in args]
-        got = _op(m, False, strategy)(*leaves)
-        want = _reference(m, *[a.clone().requires_grad_(a.is_floating_point())
-                               if a is not None else None for a in args])
-        for g_, w_ in zip(got, want):
-            if w_ is not None:
-                torch.testing.assert_close(g_, w_, atol=1e-12, rtol=1e-12)
-        # Every gradient, with random upstream gradients on every output.
-        gen = torch.Generator().manual_seed(5)
-        ups = [torch.randn(w_.shape, generator=gen, dtype=w_.dtype).to(DEVICE)
-               for w_ in want if w_ is not None]
-        ref_leaves = [a.clone().requires_grad_(a.is_floating_point()) if a is not None else None
-                      for a in args]
-        want = _reference(m, *ref_leaves)
-        got = _op(m, False, strategy)(*leaves)
-        torch.autograd.backward([t for t in got if t is not None], ups)
-        torch.autograd.backward([t for t in want if t is not None], ups)
-        for name, a, b in zip(["x", "w_ih", "b_x", "h0", "c0", "w_hh", "b_hn", "w_hr"], leaves,
-                              ref_leaves):
-            if a is None:
-                continue
-            torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=1e-12, msg=name)
+        _assert_op_matches_reference(m, strategy, args)
 
 
 @pytest.mark.parametrize("strategy", ["persistent", "stepwise", "cooperative"])
@@ -201,22 +203,5 @@ def test_cooperative_with_many_programs_per_group(mode, D, slice_units, monkeypa
         args = _inputs(m, T, B, H, D, 0, lengths, seed=7)
         problem = select.Problem(m, B, H, H, D, torch.float64)
         assert dispatch.plan(problem, select.describe(torch.device(DEVICE)),
-                           "cooperative").grid[0] == -(-H // slice_units)
-        leaves = [a.clone().requires_grad_(a.is_floating_point()) if a is not None else None
-                  for a in args]
-        ref_leaves = [a.clone().requires_grad_(a.is_floating_point()) if a is not None else None
-                      for a in args]
-        got = _op(m, False, "cooperative")(*leaves)
-        want = _reference(m, *ref_leaves)
-        for g_, w_ in zip(got, want):
-            if w_ is not None:
-                torch.testing.assert_close(g_, w_, atol=1e-12, rtol=1e-12)
-        gen = torch.Generator().manual_seed(5)
-        ups = [torch.randn(w_.shape, generator=gen, dtype=w_.dtype).to(DEVICE)
-               for w_ in want if w_ is not None]
-        torch.autograd.backward([t for t in got if t is not None], ups)
-        torch.autograd.backward([t for t in want if t is not None], ups)
-        for name, a, b in zip(["x", "w_ih", "b_x", "h0", "c0", "w_hh", "b_hn", "w_hr"], leaves,
-                              ref_leaves):
-            if a is not None:
-                torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=1e-12, msg=name)
+                             "cooperative").grid[0] == -(-H // slice_units)
+        _assert_op_matches_reference(m, "cooperative", args)
