@@ -86,21 +86,30 @@ def _strategy(mode: int, h0: Tensor, w_hh: Tensor) -> str:
 def rnn(mode: int, input: Tensor, hx: Tensor, cx: Tensor | None, weights: list[Tensor], *,
         hidden_size: int, num_layers: int, bias: bool, batch_first: bool, dropout: float,
         training: bool, bidirectional: bool, proj_size: int = 0,
-        lengths: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        lengths: Tensor | None = None, resets: Tensor | None = None, clip: float = 0.0,
+        states: bool = False):
     """Run a multi-layer RNN/LSTM/GRU on a padded 3-D input.
 
     ``input`` is ``[B, T, I]`` if ``batch_first`` else ``[T, B, I]``; ``hx`` is
     ``[num_layers * D, B, P]``, ``cx`` ``[num_layers * D, B, H]`` (LSTM); ``weights`` in torch.nn's
     ``_flat_weights`` order; ``lengths`` (packed input only, time-major) gives each row's length.
     Returns ``(output, h_n, c_n)`` with output in the input's layout and ``c_n`` None but for LSTM.
+
+    Beyond torch.nn: ``resets`` (bool, ``[B, T]`` if ``batch_first`` else ``[T, B]``) starts an
+    episode where true, in every layer; ``clip`` > 0 clamps the recurrent gradient; ``states``
+    adds every step's states, time-major: ``(output, h_n, c_n, h_all [T, L*D, B, P],
+    c_all [T, L*D, B, H] | None)``. See ``fastrnn.reference``.
     """
     num_directions = 2 if bidirectional else 1
     dtype = _compute_dtype(input)
     is_lstm = mode == _modes.LSTM
-    save = _needs_grad([input, hx, cx, *weights])
+    # An LSTM's cell states of every step are what its forward saves for the backward.
+    save = _needs_grad([input, hx, cx, *weights]) or (states and is_lstm)
+    if resets is not None and batch_first:
+        resets = resets.transpose(0, 1)     # the op's time-major view
 
     x = input.to(dtype)
-    h_n, c_n = [], []
+    h_n, c_n, h_all, c_all = [], [], [], []
     for layer in range(num_layers):
         params = layer_params(weights, layer, num_directions, bias, proj_size > 0)
         w_ih = _cat([p.w_ih for p in params]).to(dtype)
@@ -114,22 +123,32 @@ def rnn(mode: int, input: Tensor, hx: Tensor, cx: Tensor | None, weights: list[T
         h0 = hx[rows].to(dtype)
         c0 = cx[rows].to(dtype) if is_lstm else None
         strategy = _strategy(mode, h0, w_hh)
-        y, hn, cn, _, _ = recurrence(x.transpose(0, 1) if batch_first else x, w_ih, b_x, h0, c0,
-                                     w_hh, b_hn, w_hr, lengths, mode, batch_first, save, strategy)
+        y, hn, cn, _, cell = recurrence(x.transpose(0, 1) if batch_first else x, w_ih, b_x, h0,
+                                        c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save,
+                                        strategy, resets, clip)
+        if states:
+            h_all.append(y.unflatten(-1, (num_directions, -1)).transpose(1, 2))
+            if is_lstm:
+                c_all.append(cell.to(dtype).transpose(1, 2))
         x = y.transpose(0, 1) if batch_first else y
         if training and dropout > 0 and layer < num_layers - 1:
             x = F.dropout(x, dropout, training=True)
         h_n.append(hn)
         c_n.append(cn)
-    return x, torch.cat(h_n), (torch.cat(c_n) if is_lstm else None)
+    out = (x, torch.cat(h_n), (torch.cat(c_n) if is_lstm else None))
+    if states:
+        out += (torch.cat(h_all, dim=1), torch.cat(c_all, dim=1) if is_lstm else None)
+    return out
 
 
 def cell(mode: int, input: Tensor, hx: Tensor, cx: Tensor | None, w_ih: Tensor, w_hh: Tensor,
-         b_ih: Tensor | None, b_hh: Tensor | None) -> tuple[Tensor, Tensor | None]:
+         b_ih: Tensor | None, b_hh: Tensor | None, clip: float = 0.0
+         ) -> tuple[Tensor, Tensor | None]:
     """One step of an RNN/LSTM/GRU cell: ``input`` [B, I], ``hx`` [B, H], ``cx`` [B, H] (LSTM).
 
     The same recurrence op as a layer, run for a single step of a single direction.
-    Returns ``(h', c')`` with ``c'`` None but for LSTM.
+    Returns ``(h', c')`` with ``c'`` None but for LSTM. ``clip`` > 0 clamps the gradient flowing
+    into ``hx`` (and ``cx``) to [-clip, clip].
     """
     dtype = _compute_dtype(input)
     hidden_size = w_hh.shape[1]
@@ -145,5 +164,5 @@ def cell(mode: int, input: Tensor, hx: Tensor, cx: Tensor | None, w_ih: Tensor, 
     _, h, c, _, _ = recurrence(
         input.to(dtype).unsqueeze(0), w_ih.to(dtype), b_x, h0,
         cx.to(dtype).unsqueeze(0) if is_lstm else None, w_hh, b_hn, None,
-        None, mode, False, save, _strategy(mode, h0, w_hh))
+        None, mode, False, save, _strategy(mode, h0, w_hh), None, clip)
     return h[0], (c[0] if is_lstm else None)

@@ -7,6 +7,10 @@ fastrnn's: it normalises the input exactly as torch.nn does (same checks, same m
 the layer stack of ``fastrnn.functional`` on the Triton kernels, and returns the outputs in the
 caller's layout. Under ``FASTRNN_BACKEND=torch`` (or on CPU without the Triton interpreter) it
 runs torch.nn's own forward instead; see ``fastrnn.backend``.
+
+Beyond torch.nn, opt-in (the defaults leave a layer exactly torch.nn's): ``forward(input, hx,
+*, resets=None, return_states=False)`` and the constructor's ``recurrent_grad_clip=None``; the
+cells take ``recurrent_grad_clip`` too. Their maths is stated in ``fastrnn.reference``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import _modes, functional
 from .backend import announce, get_backend, use_kernels
+from .reference import clip_grad
 
 _TORCH_FORWARD = {
     "RNN_TANH": nn.RNN.forward,
@@ -34,6 +39,42 @@ _DTYPE_NAMES = {torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32
 def _scalar_type(dtype: torch.dtype) -> str:
     """A dtype as ATen's messages print it (Float, Double, Half, ...)."""
     return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def _check_clip(clip):
+    """``recurrent_grad_clip``: None (off) or a positive finite number."""
+    if clip is None:
+        return None
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 < clip < float("inf"):
+        raise ValueError(f"recurrent_grad_clip should be a positive number or None, but got "
+                         f"{clip!r}")
+    return float(clip)
+
+
+def _check_resets(resets, input: torch.Tensor, batch_first: bool, is_batched: bool,
+                  packed: bool) -> torch.Tensor:
+    """``resets`` as the layer reads it, [T, B] (or [B, T] with ``batch_first``; [T] for an
+    unbatched input), checked with torch.nn's phrasing for hidden states."""
+    if packed:
+        raise ValueError("resets cannot be combined with a PackedSequence input (its rows are "
+                         "sorted by length and end there): pass the padded batch and its resets")
+    if not isinstance(resets, torch.Tensor):
+        raise TypeError(f"resets must be a Tensor, not {type(resets).__name__}")
+    if resets.dtype != torch.bool:
+        raise RuntimeError(f"Expected resets to be a Bool tensor, but got resets with dtype "
+                           f"{_scalar_type(resets.dtype)}")
+    if is_batched:
+        expected = tuple(input.shape[:2])
+    else:
+        expected = (input.size(0),)
+    if tuple(resets.shape) != expected:
+        raise RuntimeError(f"Expected resets size {expected}, got {list(resets.shape)}")
+    if resets.device != input.device:
+        raise RuntimeError(f"Input and resets tensors are not at the same device, found input "
+                           f"tensor at {input.device} and resets tensor at {resets.device}")
+    if not is_batched:
+        resets = resets.unsqueeze(0 if batch_first else 1)
+    return resets
 
 
 def _check_packed(data: torch.Tensor, batch_sizes: torch.Tensor) -> None:
@@ -57,7 +98,23 @@ def _check_packed(data: torch.Tensor, batch_sizes: torch.Tensor) -> None:
 
 
 class _RNNBase(nn.RNNBase):
-    """What fastrnn's RNN, LSTM and GRU share: the forward pass."""
+    """What fastrnn's RNN, LSTM and GRU share: the forward pass, and the options beyond
+    torch.nn."""
+
+    def __init__(self, mode, *args, recurrent_grad_clip=None, **kwargs):
+        clip = _check_clip(recurrent_grad_clip)
+        super().__init__(mode, *args, **kwargs)
+        self.recurrent_grad_clip = clip
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if getattr(self, "recurrent_grad_clip", None) is not None:
+            s += f", recurrent_grad_clip={self.recurrent_grad_clip}"
+        return s
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("recurrent_grad_clip", None)
 
     def flatten_parameters(self) -> None:
         """A no-op for the Triton kernels, which read the weights where they are. Under
@@ -80,11 +137,35 @@ class _RNNBase(nn.RNNBase):
                         f"with {_scalar_type(input.dtype)} and {name} tensor with "
                         f"{_scalar_type(t.dtype)}")
 
-    def forward(self, input, hx=None):  # noqa: C901 - mirrors torch.nn's three forwards
+    def forward(self, input, hx=None, *, resets=None,  # noqa: C901 - torch.nn's three forwards
+                return_states=False):
+        """torch.nn's forward, plus (keyword-only, off by default):
+
+        * ``resets``: bool ``(T, B)`` (``(B, T)`` with ``batch_first``; ``(T,)`` unbatched).
+          Where ``resets[t, b]``, the state entering step t of sequence b is the initial state
+          (``hx`` or zeros), in every layer: an episode starts there. The reverse direction of a
+          bidirectional layer is cut at the same boundary. Gradients do not cross a reset.
+        * ``return_states``: also return every step's state, ``(output, h_n, states)``:
+          ``states`` is ``h_all`` (RNN, GRU) or ``(h_all, c_all)`` (LSTM), each
+          ``(T, num_layers * D, B, ·)`` (``(B, T, ...)`` with ``batch_first``; no batch dim
+          unbatched; with a PackedSequence input, padded with zeros past each length, in the
+          input's batch order). Differentiable.
+
+        The constructor's ``recurrent_grad_clip`` clamps the gradient flowing into each step's
+        previous state during backward. See ``fastrnn.reference`` for the maths.
+        """
         data = input.data if isinstance(input, PackedSequence) else input
         kernels = use_kernels(data.device)
         announce(type(self).__name__, data.device, kernels)
+        clip = getattr(self, "recurrent_grad_clip", None)
         if not kernels:
+            if resets is not None or return_states or clip is not None:
+                raise RuntimeError(
+                    f"fastrnn: resets, return_states and recurrent_grad_clip run in fastrnn's "
+                    f"kernels, which do not run here (backend {get_backend()!r} for "
+                    f"{data.device.type} tensors; torch.nn has no such options). Use CUDA "
+                    "tensors, or set TRITON_INTERPRET=1 before importing fastrnn to run the "
+                    "kernels on the CPU.")
             return _TORCH_FORWARD[self.mode](self, input, hx)
         self._update_flat_weights()
         is_lstm = self.mode == "LSTM"
@@ -150,6 +231,9 @@ class _RNNBase(nn.RNNBase):
             1 if self.batch_first else 0)
         if seq_len == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        if resets is not None:
+            resets = _check_resets(resets, input if is_batched else orig_input, self.batch_first,
+                                   is_batched, batch_sizes is not None)
         weights = [getattr(self, name) for name in self._flat_weights_names]
         h0, c0 = hx if is_lstm else (hx, None)
         self._check_attributes(input, [h0] if c0 is None else [h0, c0], weights)
@@ -162,22 +246,48 @@ class _RNNBase(nn.RNNBase):
             # at its own length inside the kernels.
             x, lengths = pad_packed_sequence(PackedSequence(input, batch_sizes))
             batch_first = False
-        output, h_n, c_n = functional.rnn(
+        out = functional.rnn(
             _modes.MODE_IDS[self.mode], x, h0, c0, weights, hidden_size=self.hidden_size,
             num_layers=self.num_layers, bias=self.bias, batch_first=batch_first,
             dropout=self.dropout, training=self.training, bidirectional=self.bidirectional,
-            proj_size=self.proj_size, lengths=lengths)
+            proj_size=self.proj_size, lengths=lengths, resets=resets, clip=clip or 0.0,
+            states=return_states)
+        output, h_n, c_n = out[:3]
         hidden = (h_n, c_n) if is_lstm else h_n
+        states = self._states(out[3], out[4], lengths, unsorted_indices,
+                              is_batched) if return_states else None
 
         if batch_sizes is not None:
             packed = pack_padded_sequence(output, lengths)
             output_packed = PackedSequence(packed.data, batch_sizes, sorted_indices,
                                            unsorted_indices)
-            return output_packed, self.permute_hidden(hidden, unsorted_indices)
-        if not is_batched:
-            output = output.squeeze(batch_dim)
-            hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1)) if is_lstm else hidden.squeeze(1)
-        return output, self.permute_hidden(hidden, unsorted_indices)
+            result = (output_packed, self.permute_hidden(hidden, unsorted_indices))
+        else:
+            if not is_batched:
+                output = output.squeeze(batch_dim)
+                hidden = ((hidden[0].squeeze(1), hidden[1].squeeze(1)) if is_lstm
+                          else hidden.squeeze(1))
+            result = (output, self.permute_hidden(hidden, unsorted_indices))
+        return result + (states,) if return_states else result
+
+    def _states(self, h_all, c_all, lengths, unsorted_indices, is_batched):
+        """``return_states``: the time-major [T, L*D, B, ·] states in the caller's layout."""
+        out = []
+        for t in (h_all, c_all):
+            if t is None:
+                continue
+            if lengths is not None:  # packed: zeros past each length, the input's batch order
+                steps = torch.arange(t.shape[0], device=t.device)
+                valid = steps[:, None] < lengths.to(t.device)[None, :]
+                t = torch.where(valid[:, None, :, None], t, 0)
+                if unsorted_indices is not None:
+                    t = t.index_select(2, unsorted_indices)
+            if not is_batched:
+                t = t.squeeze(2)
+            elif self.batch_first:
+                t = t.permute(2, 0, 1, 3)
+            out.append(t)
+        return tuple(out) if self.mode == "LSTM" else out[0]
 
 
 class RNN(_RNNBase):
@@ -185,6 +295,8 @@ class RNN(_RNNBase):
 
     Same arguments: ``input_size, hidden_size, num_layers=1, nonlinearity='tanh', bias=True,
     batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None``.
+    Beyond torch.nn: ``recurrent_grad_clip=None`` (keyword), and ``forward``'s ``resets`` and
+    ``return_states``.
     """
 
     def __init__(self, *args, **kwargs):
@@ -211,6 +323,8 @@ class LSTM(_RNNBase):
 
     Same arguments: ``input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
     dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None``.
+    Beyond torch.nn: ``recurrent_grad_clip=None`` (keyword), and ``forward``'s ``resets`` and
+    ``return_states``.
     """
 
     def __init__(self, *args, **kwargs):
@@ -226,6 +340,8 @@ class GRU(_RNNBase):
 
     Same arguments: ``input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
     dropout=0.0, bidirectional=False, device=None, dtype=None``.
+    Beyond torch.nn: ``recurrent_grad_clip=None`` (keyword), and ``forward``'s ``resets`` and
+    ``return_states``.
     """
 
     def __init__(self, *args, **kwargs):
@@ -240,10 +356,27 @@ class _CellBase:
 
     _torch_cell: type
 
+    def __init__(self, *args, recurrent_grad_clip=None, **kwargs):
+        clip = _check_clip(recurrent_grad_clip)
+        super().__init__(*args, **kwargs)
+        self.recurrent_grad_clip = clip
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if getattr(self, "recurrent_grad_clip", None) is not None:
+            s += f", recurrent_grad_clip={self.recurrent_grad_clip}"
+        return s
+
     def forward(self, input, hx=None):
         kernels = use_kernels(input.device)
         announce(type(self).__name__, input.device, kernels)
+        clip = getattr(self, "recurrent_grad_clip", None)
         if not kernels:
+            if clip is not None and hx is not None:
+                # torch.nn's cell, with the gradient into hx clamped on its way back: the same
+                # maths the kernels fuse (one step: the clip applies to the state entering it).
+                hx = tuple(clip_grad(h, clip) for h in hx) if isinstance(hx, (tuple, list)) \
+                    else clip_grad(hx, clip)
             return self._torch_cell.forward(self, input, hx)
         name = self._torch_cell.__name__
         is_lstm = name == "LSTMCell"
@@ -274,7 +407,8 @@ class _CellBase:
         hiddens = list(hx) if is_lstm else [hx]
         self._check(input, hiddens)
         h, c = functional.cell(mode, input, hiddens[0], hiddens[1] if is_lstm else None,
-                               self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+                               self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+                               clip or 0.0)
         if not is_batched:
             h = h.squeeze(0)
             c = c.squeeze(0) if is_lstm else None
@@ -311,18 +445,21 @@ class _CellBase:
 
 
 class RNNCell(_CellBase, nn.RNNCell):
-    """Drop-in for :class:`torch.nn.RNNCell` on fastrnn's kernels."""
+    """Drop-in for :class:`torch.nn.RNNCell` on fastrnn's kernels. Beyond torch.nn:
+    ``recurrent_grad_clip=None`` (keyword) clamps the gradient flowing into ``hx``."""
 
     _torch_cell = nn.RNNCell
 
 
 class LSTMCell(_CellBase, nn.LSTMCell):
-    """Drop-in for :class:`torch.nn.LSTMCell` on fastrnn's kernels."""
+    """Drop-in for :class:`torch.nn.LSTMCell` on fastrnn's kernels. Beyond torch.nn:
+    ``recurrent_grad_clip=None`` (keyword) clamps the gradient flowing into ``hx``."""
 
     _torch_cell = nn.LSTMCell
 
 
 class GRUCell(_CellBase, nn.GRUCell):
-    """Drop-in for :class:`torch.nn.GRUCell` on fastrnn's kernels."""
+    """Drop-in for :class:`torch.nn.GRUCell` on fastrnn's kernels. Beyond torch.nn:
+    ``recurrent_grad_clip=None`` (keyword) clamps the gradient flowing into ``hx``."""
 
     _torch_cell = nn.GRUCell

@@ -16,6 +16,20 @@ Conventions shared with the kernels:
   is the state at its last step, and the reverse direction starts from ``h0`` at ``lengths[b]-1``.
 * ``y`` holds the state after every step, also at inactive positions (the carried state): the
   caller drops those positions when it packs the output again.
+
+Beyond torch.nn (opt-in; the defaults are torch.nn's maths):
+
+* ``resets`` [T, B] bool: where ``resets[t, b]``, an episode starts at step t of row b. The state
+  entering step t of direction 0 is the initial state instead of the carried one; direction 1
+  (which runs backwards in time) is cut at the same boundary: the state it carries from step t
+  into step t-1 is replaced by its initial state. Gradients do not cross a reset; the initial
+  state's gradient collects from every step it entered.
+* ``clip`` > 0 (``recurrent_grad_clip``): the gradient flowing into the state entering each step
+  (dh, and dc for an LSTM) is clamped to [-clip, clip], after the gradients of everything that
+  step feeds are summed, before the output gradient of the step before is added. The forward is
+  unchanged.
+* ``states=True``: also return the cell state after every step (LSTM), ``[T, B, D, H]``; ``y``
+  already holds every step's h.
 """
 
 from __future__ import annotations
@@ -24,6 +38,39 @@ import torch
 from torch import Tensor
 
 from ._modes import GRU, LSTM, RNN_RELU, RNN_TANH
+
+
+class ClipGrad(torch.autograd.Function):
+    """Identity forward; the backward clamps the incoming gradient to [-clip, clip] (NaN stays
+    NaN, as torch.clamp). Differentiable twice, and vmap-able."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, clip):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.clip = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.clamp(-ctx.clip, ctx.clip), None
+
+
+def clip_grad(x: Tensor, clip: float | None) -> Tensor:
+    """``x``, with the gradient flowing back into it clamped to [-clip, clip] (no-op if falsy)."""
+    return ClipGrad.apply(x, clip) if clip else x
+
+
+def entering_resets(resets: Tensor, direction: int) -> Tensor:
+    """[T, B] bool: where the state entering step t of ``direction`` is its initial state because
+    of a reset (direction 0: ``resets[t]``; direction 1: ``resets[t + 1]``, none at T-1). The first
+    step of either direction starts from the initial state anyway."""
+    if direction == 0:
+        return resets
+    return torch.cat([resets[1:], torch.zeros_like(resets[:1])])
 
 
 def cell_step(mode: int, xg: Tensor, h: Tensor, c: Tensor | None, w_hh: Tensor,
@@ -55,18 +102,27 @@ def cell_step(mode: int, xg: Tensor, h: Tensor, c: Tensor | None, w_hh: Tensor,
 
 def recurrence_reference(mode: int, xg: Tensor, h0: Tensor, c0: Tensor | None, w_hh: Tensor,
                          b_hn: Tensor | None = None, w_hr: Tensor | None = None,
-                         lengths: Tensor | None = None):
-    """Reference for the recurrence op. Returns ``(y [T, B, D*P], h_n [D, B, P], c_n [D, B, H] | None)``."""
+                         lengths: Tensor | None = None, resets: Tensor | None = None,
+                         clip: float | None = None, states: bool = False):
+    """Reference for the recurrence op. Returns ``(y [T, B, D*P], h_n [D, B, P], c_n [D, B, H] |
+    None)``, and with ``states`` also every step's cell state ``[T, B, D, H] | None``."""
     T, B, _ = xg.shape
     D = w_hh.shape[0]
     GH = w_hh.shape[1]
-    outputs, h_n, c_n = [], [], []
+    outputs, h_n, c_n, cells = [], [], [], []
     for d in range(D):
         h = h0[d]
         c = c0[d] if c0 is not None else None
+        starts = None if resets is None else entering_resets(resets.to(h.device), d)[:, :, None]
         ys = [None] * T
+        cs = [None] * T
         for s in range(T):
             t = s if d == 0 else T - 1 - s
+            if starts is not None and s > 0:
+                h = torch.where(starts[t], h0[d], h)
+                if c is not None:
+                    c = torch.where(starts[t], c0[d], c)
+            h, c = clip_grad(h, clip), (clip_grad(c, clip) if c is not None else None)
             h_new, c_new = cell_step(mode, xg[t, :, d * GH:(d + 1) * GH], h,
                                      c, w_hh[d], None if b_hn is None else b_hn[d],
                                      None if w_hr is None else w_hr[d])
@@ -77,15 +133,22 @@ def recurrence_reference(mode: int, xg: Tensor, h0: Tensor, c0: Tensor | None, w
                     c_new = torch.where(active, c_new, c)
             h, c = h_new, c_new
             ys[t] = h
+            cs[t] = c
         outputs.append(torch.stack(ys))
         h_n.append(h)
         c_n.append(c)
+        if c is not None:
+            cells.append(torch.stack(cs))
     y = torch.cat(outputs, dim=-1)
-    return y, torch.stack(h_n), (torch.stack(c_n) if c0 is not None else None)
+    out = (y, torch.stack(h_n), (torch.stack(c_n) if c0 is not None else None))
+    if states:
+        out += (torch.stack(cells, dim=2) if cells else None,)
+    return out
 
 
 def rnn_reference(mode: int, x: Tensor, params: dict, num_layers: int, bidirectional: bool,
-                  hx=None, lengths: Tensor | None = None):
+                  hx=None, lengths: Tensor | None = None, resets: Tensor | None = None,
+                  clip: float | None = None, states: bool = False):
     """A torch.nn RNN/LSTM/GRU stack in plain PyTorch (no dropout): what the layers compute.
 
     ``x`` is ``[T, B, I]`` (time-major), ``params`` the module's parameters by torch.nn's names
@@ -93,7 +156,10 @@ def rnn_reference(mode: int, x: Tensor, params: dict, num_layers: int, bidirecti
     ``hx`` torch.nn's ``h0`` (or ``(h0, c0)`` for an LSTM) or None for zeros, ``lengths`` [B]
     the valid steps per sequence (any order) or None. Returns ``(y [T, B, D*P], h_n [L*D, B, P],
     c_n [L*D, B, H] | None)``; ``y`` past a sequence's length holds carried states, which a packed
-    output leaves out.
+    output leaves out. ``resets`` [T, B] and ``clip`` apply to every layer (see the module
+    docstring); with ``states`` the result also holds every step's states of every layer,
+    ``h_all [T, L*D, B, P]`` and ``c_all [T, L*D, B, H] | None`` (what ``return_states=True``
+    returns, time-major).
 
     Each layer feeds the next; direction d's input projection is ``x W_ih^T + b_ih`` plus the
     parts of ``b_hh`` that sit outside the reset gate (all of it but ``b_hn`` for a GRU).
@@ -108,7 +174,7 @@ def rnn_reference(mode: int, x: Tensor, params: dict, num_layers: int, bidirecti
         h0 = x.new_zeros(num_layers * D, B, P)
     if mode == LSTM and c0 is None:
         c0 = x.new_zeros(num_layers * D, B, H)
-    h_n, c_n = [], []
+    h_n, c_n, h_all, c_all = [], [], [], []
     inp = x
     for layer in range(num_layers):
         xgs, w_hh, b_hn, w_hr = [], [], [], []
@@ -131,12 +197,17 @@ def rnn_reference(mode: int, x: Tensor, params: dict, num_layers: int, bidirecti
                 w_hr.append(params[f"weight_hr_{sfx}"])
         assert all(t.shape[-1] == G * H for t in xgs)
         rows = slice(layer * D, (layer + 1) * D)
-        y, hn, cn = recurrence_reference(
+        y, hn, cn, cells = recurrence_reference(
             mode, torch.cat(xgs, dim=-1), h0[rows], None if c0 is None else c0[rows],
             torch.stack(w_hh), torch.stack(b_hn) if b_hn else None,
-            torch.stack(w_hr) if w_hr else None, lengths)
+            torch.stack(w_hr) if w_hr else None, lengths, resets, clip, states=True)
         h_n.append(hn)
+        h_all.append(y.unflatten(-1, (D, P)).transpose(1, 2))
         if cn is not None:
             c_n.append(cn)
+            c_all.append(cells.transpose(1, 2))
         inp = y
-    return inp, torch.cat(h_n), (torch.cat(c_n) if c_n else None)
+    out = (inp, torch.cat(h_n), (torch.cat(c_n) if c_n else None))
+    if states:
+        out += (torch.cat(h_all, dim=1), torch.cat(c_all, dim=1) if c_all else None)
+    return out

@@ -161,6 +161,27 @@ def prev_time(t, i_d, T):
 
 
 @triton.jit
+def entering_reset(rs_ptr, stride_rt, stride_rb, s, i_d, T, o_b, m_b):
+    """Per row of ``o_b``, 1 where the state entering forward step ``s`` of direction ``i_d`` is
+    the initial state because an episode starts there (``resets`` [T, B]: direction 0 reads
+    ``resets[t]``, direction 1 ``resets[t + 1]``), else 0; 0 at s == 0 (which starts from the
+    initial state anyway) and past the last step."""
+    t_in = (step_time(s, i_d, T) + i_d).to(tl.int64)
+    m = m_b & positive(s, o_b) & positive(T - s, o_b)
+    r = tl.load(rs_ptr + t_in * stride_rt + o_b.to(tl.int64) * stride_rb, mask=m, other=0)
+    return r.to(tl.int32)
+
+
+@triton.jit
+def clamp_grad(g, clip, CLIP: tl.constexpr):
+    """The recurrent gradient clamped to [-clip, clip] (``recurrent_grad_clip``); NaN stays NaN,
+    as torch.clamp."""
+    if CLIP:
+        g = tl.where(g > clip, clip, tl.where(g < -clip, -clip, g))
+    return g
+
+
+@triton.jit
 def load_gate_tiles(p, m, gate_stride, G: tl.constexpr):
     """The G gate tiles of a stacked weight, ``gate_stride`` elements apart (unused ones alias
     the first and cost nothing)."""

@@ -4,7 +4,9 @@ Shapes (D directions, G gates, H hidden, P = proj_size or H, NSAVE saved activat
 xg [T, B, D*G*H] (feature dim contiguous; time and batch through strides); h0 [D, B, P];
 c0 [D, B, H]; w_hh [D, G*H, P]; b_hn [D, H]; w_hr [D, P, H]; lengths [B] int32 (packed input);
 y [T, B, D*P] (time and batch through strides); hn [D, B, P]; cn [D, B, H];
-gates [T, B, D, NSAVE*H]; cell [T, B, D, H] (accumulation dtype). Absent tensors are None.
+gates [T, B, D, NSAVE*H]; cell [T, B, D, H] (accumulation dtype); resets [T, B] uint8 (time
+and batch through strides: 1 where an episode starts); dcell [T, B, D, H] (the gradient of every
+step's cell state, ``return_states``). Absent tensors are None.
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ class _Common:
     def is_lstm(self) -> bool:
         return self.mode == _modes.LSTM
 
+    def reset_args(self) -> dict:
+        """The kernels' episode-start arguments (a null pointer without resets)."""
+        r = self.resets
+        return dict(rs_ptr=r, stride_rt=r.stride(0) if r is not None else 0,
+                    stride_rb=r.stride(1) if r is not None else 0)
+
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation (and LSTM cell-state) dtype: fp64 for fp64 layers, fp32 otherwise."""
@@ -66,6 +74,7 @@ class ForwardArgs(_Common):
     gates: Optional[Tensor]      # saved activations (training only)
     cell: Optional[Tensor]       # saved cell states (LSTM, training only)
     save: bool
+    resets: Optional[Tensor] = None
 
     @property
     def ACC(self):
@@ -90,6 +99,9 @@ class BackwardArgs(_Common):
     dhp: Optional[Tensor]        # [T, B, D*P] total dh per step (proj_size: for dW_hr)
     dh0: Tensor
     dc0: Optional[Tensor]
+    resets: Optional[Tensor] = None
+    dcell: Optional[Tensor] = None   # [T, B, D, H] contiguous, accumulation dtype
+    clip: float = 0.0                # recurrent_grad_clip (0: none)
 
     @property
     def ACC(self):

@@ -37,8 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._jit import (LSTM, GRU, cell_backward, cell_forward, load_gate_tiles, load_gates, next_time,
-                   positive, prev_time, save_gates, split_gates, step_time, store_gates)
+from ._jit import (LSTM, GRU, cell_backward, cell_forward, clamp_grad, entering_reset,
+                   load_gate_tiles, load_gates, next_time, positive, prev_time, save_gates,
+                   split_gates, step_time, store_gates)
 from .args import BackwardArgs, ForwardArgs, acc_dtype
 from .select import (DeviceSpec, DoesNotFit, KernelConfig, Plan, Problem, block, describe,
                      fast_activations, launch_kernel, operand_copies)
@@ -57,8 +58,11 @@ def wait_ns() -> int:
     return int(seconds * 1e9)
 
 _LENGTHS = {"HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
+            "HAS_RESETS": lambda a: a["rs_ptr"] is not None,
             "FAST": lambda a: fast_activations(a["w_hh_ptr"].dtype)}
 _OPTIONAL = {**_LENGTHS, "HAS_BHN": lambda a: a["b_hn_ptr"] is not None}
+_BWD_OPTIONAL = {**_LENGTHS, "HAS_DCELL": lambda a: a["dcell_ptr"] is not None,
+                 "CLIP": lambda a: a["clip"] > 0}
 
 
 @triton.jit
@@ -113,6 +117,8 @@ def _await(flags_ptr, NJ, target, err_ptr, alive, wait_ns, BLOCK_J: tl.constexpr
 def _recurrence_fwd_coop_kernel(
     xg_ptr, stride_xt, stride_xb,      # [T, B, D*G*H] input projections
     w_hh_ptr, b_hn_ptr, len_ptr,       # [D, G*H, H], [D, H], [B]
+    rs_ptr, stride_rt, stride_rb,      # [T, B] uint8 episode starts (resets)
+    h0_ptr, c0_ptr,                    # [D, B, H] initial states (what a reset brings back)
     y_ptr, stride_yt, stride_yb,       # [T, B, D*H]
     gates_ptr, cell_ptr,               # saved for backward: [T, B, D, NSAVE*H], [T, B, D, H]
     hbuf_ptr,                          # [2, D, B, H] the state, double-buffered (slot 0: h0)
@@ -123,7 +129,8 @@ def _recurrence_fwd_coop_kernel(
     SAVE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
     SYNC: tl.constexpr,
-    HAS_BHN: tl.constexpr, HAS_LENGTHS: tl.constexpr, FAST: tl.constexpr,
+    HAS_BHN: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     i_j = tl.program_id(0)             # hidden slice owned by this program
     i_bt = tl.program_id(1)            # batch tile of the group
@@ -199,9 +206,19 @@ def _recurrence_fwd_coop_kernel(
             p_row = (t64 * B + on64)[None, :] * D + i_d  # row of the saved-activation tensors
             if SAVE and NSAVE > 0:
                 save_gates(gates_ptr + p_row * (NSAVE * H) + o_u[:, None], s0, s1, s2, s3, m_un, H)
+            h_next = h_new
+            if HAS_RESETS:  # an episode starts at the next step: it enters the initial state
+                start = entering_reset(rs_ptr, stride_rt, stride_rb, s + 1, i_d, T, o_n,
+                                       m_n)[None, :] > 0
+                h_next = tl.where(start, tl.load(h0_ptr + state, mask=m_un, other=0.0).to(ACC),
+                                  h_new)
             if CELL == LSTM:
                 c_new = tl.where(act, c_new, c_prev)
-                tl.store(cbuf_ptr + state, c_new.to(cbuf_ptr.dtype.element_ty), mask=m_un)
+                c_next = c_new
+                if HAS_RESETS:
+                    c_next = tl.where(start, tl.load(c0_ptr + state, mask=m_un,
+                                                     other=0.0).to(ACC), c_new)
+                tl.store(cbuf_ptr + state, c_next.to(cbuf_ptr.dtype.element_ty), mask=m_un)
                 if SAVE:
                     tl.store(cell_ptr + p_row * H + o_u[:, None],
                              c_new.to(cell_ptr.dtype.element_ty), mask=m_un,
@@ -209,7 +226,7 @@ def _recurrence_fwd_coop_kernel(
             tl.store(y_ptr + t64 * stride_yt + on64[None, :] * stride_yb + i_d * H
                      + o_u[:, None], h_new.to(Y_DTYPE), mask=m_un, eviction_policy="evict_first")
             next_rows = (((1 - slot) * D + i_d) * B + on64)[None, :] * H
-            tl.store(hbuf_ptr + next_rows + o_u[:, None], h_new.to(H_DTYPE), mask=m_un)
+            tl.store(hbuf_ptr + next_rows + o_u[:, None], h_next.to(H_DTYPE), mask=m_un)
         if SYNC and s + 1 < s_end:  # between steps only
             _publish(p_flags + i_j * FLAG_STRIDE, s + 1)
         o_n = b_lo + tl.arange(0, BLOCK_N)
@@ -220,7 +237,7 @@ def _recurrence_fwd_coop_kernel(
             alive = _await(p_flags, NJ, s + 1, err_ptr, alive, wait_ns, BLOCK_J, FLAG_STRIDE)
 
 
-@triton.heuristics(_LENGTHS)
+@triton.heuristics(_BWD_OPTIONAL)
 @triton.jit(do_not_specialize=["k_begin", "k_end", "T", "wait_ns"])
 def _recurrence_bwd_coop_kernel(
     dy_ptr, stride_dyt, stride_dyb,    # [T, B, D*H] gradient of the outputs
@@ -228,17 +245,21 @@ def _recurrence_bwd_coop_kernel(
     h0_ptr, c0_ptr,                    # [D, B, H]
     gates_ptr, cell_ptr,               # saved activations
     w_hh_ptr, len_ptr,
+    rs_ptr, stride_rt, stride_rb,      # [T, B] uint8 episode starts (resets)
+    dcell_ptr,                         # [T, B, D, H] gradient of every step's cell state
     dgx_ptr, dgh_ptr,                  # [T, B, D, G*H]
     dh0_ptr, dc0_ptr,                  # [D, B, H]
     gbuf_ptr,                          # [2, D, B, G*H] the gate gradients W_hh multiplies
     dhbuf_ptr, dcbuf_ptr,              # [D, B, H] carried dh (what bypasses W_hh), dc: ACC
-    flags_ptr, err_ptr, wait_ns,
+    d0buf_ptr,                         # [2, D, B, H] ACC: dh0, dc0 collected at resets
+    flags_ptr, err_ptr, wait_ns, clip,
     k_begin, k_end, T, B, H, BT,
     CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
     SYNC: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, FAST: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, HAS_DCELL: tl.constexpr,
+    CLIP: tl.constexpr, FAST: tl.constexpr,
 ):
     """Backward step k undoes forward step s = T-1-k. Each step first completes dh of the state
     it produced, ``dh_t = dy_t + keep_t + sum_g dG_{t+1,g} W_g[:, own]`` (the previous step's gate
@@ -296,18 +317,44 @@ def _recurrence_bwd_coop_kernel(
                                             cache_modifier=".cg").to(W_DTYPE),
                               input_precision=PRECISION).to(ACC)
             dh = dh + rec
-            if last:
-                tl.store(dh0_ptr + (i_d * B + on64)[None, :] * H + o_u[:, None],
-                         dh.to(dh0_ptr.dtype.element_ty), mask=m_un)
+            state = (i_d * B + on64)[None, :] * H + o_u[:, None]
+            dc = dh
+            if CELL == LSTM:
+                dc = tl.load(dcbuf_ptr + state, mask=m_un, other=0.0)
+            # Past k = 0, dh and dc belong to the state that entered forward step q = s + 1
+            # (q = 0 at k == T): clipped there; at an episode start, the initial state's.
+            if CLIP:
+                dh = tl.where(has_q, clamp_grad(dh, clip, CLIP), dh)
                 if CELL == LSTM:
-                    dc = tl.load(dcbuf_ptr + (i_d * B + on64)[None, :] * H + o_u[:, None],
-                                 mask=m_un, other=0.0)
-                    tl.store(dc0_ptr + (i_d * B + on64)[None, :] * H + o_u[:, None],
-                             dc.to(dc0_ptr.dtype.element_ty), mask=m_un)
+                    dc = tl.where(has_q, clamp_grad(dc, clip, CLIP), dc)
+            if HAS_RESETS:
+                start = entering_reset(rs_ptr, stride_rt, stride_rb, T - k, i_d, T, o_n,
+                                       m_n)[None, :] > 0
+                dh0_acc = tl.load(d0buf_ptr + state, mask=m_un, other=0.0)
+                if last:
+                    dh = dh + dh0_acc
+                else:
+                    tl.store(d0buf_ptr + state, dh0_acc + tl.where(start, dh, 0.0), mask=m_un)
+                    dh = tl.where(start, 0.0, dh)
+                if CELL == LSTM:
+                    dc0_acc = tl.load(d0buf_ptr + D * B * H + state, mask=m_un, other=0.0)
+                    if last:
+                        dc = dc + dc0_acc
+                    else:
+                        tl.store(d0buf_ptr + D * B * H + state,
+                                 dc0_acc + tl.where(start, dc, 0.0), mask=m_un)
+                        dc = tl.where(start, 0.0, dc)
+            if last:
+                tl.store(dh0_ptr + state, dh.to(dh0_ptr.dtype.element_ty), mask=m_un)
+                if CELL == LSTM:
+                    tl.store(dc0_ptr + state, dc.to(dc0_ptr.dtype.element_ty), mask=m_un)
             else:
                 dh += tl.load(dy_ptr + t64 * stride_dyt + on64[None, :] * stride_dyb + i_d * H
                               + o_u[:, None], mask=m_un, other=0.0).to(ACC)
                 has_prev = positive(s, o_n)[None, :]
+                if HAS_RESETS:
+                    has_prev = has_prev & (entering_reset(rs_ptr, stride_rt, stride_rb, s, i_d,
+                                                          T, o_n, m_n)[None, :] == 0)
                 p_row = (t64 * B + on64)[None, :] * D + i_d
                 p_row_prev = (t_prev * B + on64)[None, :] * D + i_d
                 s0, s1, s2, s3 = dh, dh, dh, dh
@@ -318,15 +365,15 @@ def _recurrence_bwd_coop_kernel(
                 c_prev = dh
                 h_prev = dh
                 h_t = dh
-                dc = dh
-                state = (i_d * B + on64)[None, :] * H + o_u[:, None]
                 if CELL == LSTM:
+                    if HAS_DCELL:  # return_states: the gradient of this step's cell state
+                        dc += tl.load(dcell_ptr + p_row * H + o_u[:, None], mask=m_un,
+                                      other=0.0).to(ACC)
                     c_t = tl.load(cell_ptr + p_row * H + o_u[:, None], mask=m_un,
                                   other=0.0).to(ACC)
                     c_prev = tl.where(has_prev, tl.load(cell_ptr + p_row_prev * H + o_u[:, None],
                                                         mask=m_un & has_prev, other=0.0).to(ACC),
                                       tl.load(c0_ptr + state, mask=m_un, other=0.0).to(ACC))
-                    dc = tl.load(dcbuf_ptr + state, mask=m_un, other=0.0)
                 elif CELL == GRU:
                     h_prev = tl.where(has_prev, tl.load(
                         y_ptr + t_prev * stride_yt + on64[None, :] * stride_yb + i_d * H
@@ -533,8 +580,8 @@ def forward(a: ForwardArgs, the_plan: Plan) -> None:
         launch_kernel(
             _recurrence_fwd_coop_kernel, (nj, nbt, a.D),
             xg_ptr=a.xg, stride_xt=a.xg.stride(0), stride_xb=a.xg.stride(1),
-            w_hh_ptr=a.w_hh, b_hn_ptr=a.b_hn, len_ptr=a.lengths,
-            y_ptr=a.y, stride_yt=a.y.stride(0), stride_yb=a.y.stride(1),
+            w_hh_ptr=a.w_hh, b_hn_ptr=a.b_hn, len_ptr=a.lengths, **a.reset_args(),
+            h0_ptr=a.h0, c0_ptr=a.c0, y_ptr=a.y, stride_yt=a.y.stride(0), stride_yb=a.y.stride(1),
             gates_ptr=a.gates, cell_ptr=a.cell, hbuf_ptr=hbuf, cbuf_ptr=cbuf,
             flags_ptr=flags, err_ptr=err, wait_ns=wait, s_begin=first, s_end=last + 1, T=a.T, B=a.B, H=a.H,
             BT=cfg.block_b, CELL=a.mode, G=a.G, GP=_gates_padded(a.G), NSAVE=a.NSAVE,
@@ -558,15 +605,18 @@ def backward(b: BackwardArgs, the_plan: Plan) -> None:
     gbuf = torch.zeros(2, b.D, b.B, b.G * b.H, device=device, dtype=b.dgx.dtype)
     dhbuf = b.dhn.to(acc).contiguous().clone()
     dcbuf = b.dcn.to(acc).contiguous().clone() if b.is_lstm else None
+    d0buf = torch.zeros(2, b.D, b.B, b.H, device=device, dtype=acc) if b.resets is not None \
+        else None
     for k_begin, k_end in _steps(b.T, stepped, finish=True):
         launch_kernel(
             _recurrence_bwd_coop_kernel, (nj, nbt, b.D),
             dy_ptr=b.dy, stride_dyt=b.dy.stride(0), stride_dyb=b.dy.stride(1),
             y_ptr=b.y, stride_yt=b.y.stride(0), stride_yb=b.y.stride(1),
             h0_ptr=b.h0, c0_ptr=b.c0, gates_ptr=b.gates, cell_ptr=b.cell,
-            w_hh_ptr=b.w_hh, len_ptr=b.lengths, dgx_ptr=b.dgx, dgh_ptr=b.dgh,
+            w_hh_ptr=b.w_hh, len_ptr=b.lengths, **b.reset_args(), dcell_ptr=b.dcell,
+            dgx_ptr=b.dgx, dgh_ptr=b.dgh,
             dh0_ptr=b.dh0, dc0_ptr=b.dc0, gbuf_ptr=gbuf, dhbuf_ptr=dhbuf, dcbuf_ptr=dcbuf,
-            flags_ptr=flags, err_ptr=err, wait_ns=wait, k_begin=k_begin, k_end=k_end, T=b.T, B=b.B, H=b.H,
+            d0buf_ptr=d0buf, flags_ptr=flags, err_ptr=err, wait_ns=wait, clip=b.clip, k_begin=k_begin, k_end=k_end, T=b.T, B=b.B, H=b.H,
             BT=cfg.block_b, CELL=b.mode, G=b.G, NSAVE=b.NSAVE, ACC=b.ACC,
             PRECISION=b.precision, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, BLOCK_N=BLOCK_N,
             BLOCK_J=max(2, triton.next_power_of_2(nj)), SYNC=on_gpu,

@@ -13,18 +13,22 @@ the gate pre-activations; the weight gradients are whole-sequence GEMMs afterwar
 import triton
 import triton.language as tl
 
-from ._jit import (LSTM, GRU, cell_backward, cell_forward, load_gate_tiles, load_gates, positive,
-                   prev_time, recurrent_products, save_gates, step_time, store_gates)
+from ._jit import (LSTM, GRU, cell_backward, cell_forward, clamp_grad, entering_reset,
+                   load_gate_tiles, load_gates, positive, prev_time, recurrent_products, save_gates,
+                   step_time, store_gates)
 from .args import BackwardArgs, ForwardArgs
 from .select import (DeviceSpec, DoesNotFit, KernelConfig, Plan, Problem, block,
                      fast_activations, launch_kernel, operand_copies)
 
-_BWD_OPTIONAL = {
+_SHARED = {
     "HAS_PROJ": lambda a: a["w_hr_ptr"] is not None,
     "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
+    "HAS_RESETS": lambda a: a["rs_ptr"] is not None,
     "FAST": lambda a: fast_activations(a["w_hh_ptr"].dtype),
 }
-_OPTIONAL = {**_BWD_OPTIONAL, "HAS_BHN": lambda a: a["b_hn_ptr"] is not None}
+_OPTIONAL = {**_SHARED, "HAS_BHN": lambda a: a["b_hn_ptr"] is not None}
+_BWD_OPTIONAL = {**_SHARED, "HAS_DCELL": lambda a: a["dcell_ptr"] is not None,
+                 "CLIP": lambda a: a["clip"] > 0}
 
 
 @triton.heuristics(_OPTIONAL)
@@ -34,6 +38,7 @@ def _recurrence_fwd_persistent_kernel(
     h0_ptr, c0_ptr,                    # [D, B, P], [D, B, H] contiguous
     w_hh_ptr, b_hn_ptr, w_hr_ptr,      # [D, G*H, P], [D, H], [D, P, H] contiguous
     len_ptr,                           # [B] int32 sequence lengths (packed input)
+    rs_ptr, stride_rt, stride_rb,      # [T, B] uint8 episode starts (resets)
     y_ptr, stride_yt, stride_yb,       # [T, B, D*P] states after every step
     hn_ptr, cn_ptr,                    # [D, B, P], [D, B, H] final states
     gates_ptr, cell_ptr,               # [T, B, D, NSAVE*H], [T, B, D, H] saved for backward
@@ -41,7 +46,8 @@ def _recurrence_fwd_persistent_kernel(
     CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr, SAVE: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
-    HAS_BHN: tl.constexpr, HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, FAST: tl.constexpr,
+    HAS_BHN: tl.constexpr, HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    HAS_RESETS: tl.constexpr, FAST: tl.constexpr,
 ):
     i_b = tl.program_id(0)
     i_d = tl.program_id(1)
@@ -76,11 +82,18 @@ def _recurrence_fwd_persistent_kernel(
         c = tl.load(c0_ptr + p_state * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
     if HAS_LENGTHS:
         b_len = tl.load(len_ptr + o_b, mask=m_b, other=0)
+    b_h0 = h  # the initial state, which a reset brings back
+    b_c0 = c
     p_x = xg_ptr + ob64[:, None] * stride_xb + i_d * (G * H) + o_h[None, :]
 
     for s in range(0, T):
         t = step_time(s, i_d, T)
         t64 = t.to(tl.int64)
+        if HAS_RESETS:
+            start = entering_reset(rs_ptr, stride_rt, stride_rb, s, i_d, T, o_b, m_b)[:, None] > 0
+            h = tl.where(start, b_h0, h)
+            if CELL == LSTM:
+                c = tl.where(start, b_c0, c)
         # The step's input projections are loaded first: they do not depend on h, so their
         # latency overlaps the recurrent products.
         x0, x1, x2, x3 = load_gate_tiles(p_x + t64 * stride_xt, m_bh, H, G)
@@ -128,14 +141,18 @@ def _recurrence_bwd_persistent_kernel(
     h0_ptr, c0_ptr,                    # [D, B, P], [D, B, H]
     gates_ptr, cell_ptr,               # saved activations
     w_hh_ptr, w_hr_ptr, len_ptr,
+    rs_ptr, stride_rt, stride_rb,      # [T, B] uint8 episode starts (resets)
+    dcell_ptr,                         # [T, B, D, H] gradient of every step's cell state
     dgx_ptr, dgh_ptr,                  # [T, B, D, G*H] grads of xg and of W_hh h (+ b_hh)
     dhp_ptr,                           # [T, B, D, P] total dh per step (projection only)
     dh0_ptr, dc0_ptr,                  # [D, B, P], [D, B, H]
+    clip,                              # recurrent gradient clip (CLIP)
     T, B, H, P,
     CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
-    HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, FAST: tl.constexpr,
+    HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr,
+    HAS_DCELL: tl.constexpr, CLIP: tl.constexpr, FAST: tl.constexpr,
 ):
     i_b = tl.program_id(0)
     i_d = tl.program_id(1)
@@ -172,12 +189,18 @@ def _recurrence_bwd_persistent_kernel(
         b_h0 = tl.load(h0_ptr + p_state * P + o_p[None, :], mask=m_bp, other=0.0).to(ACC)
     if HAS_LENGTHS:
         b_len = tl.load(len_ptr + o_b, mask=m_b, other=0)
+    dh0_acc = dh_c * 0.0  # what the steps that began from the initial state (resets) sent it
+    dc0_acc = dc_c * 0.0
 
     for k in range(0, T):
         s = T - 1 - k                      # forward step being undone
         t = step_time(s, i_d, T)
         t64 = t.to(tl.int64)
         has_prev = positive(s, o_b)[:, None]
+        if HAS_RESETS:
+            r_in = entering_reset(rs_ptr, stride_rt, stride_rb, s, i_d, T, o_b, m_b)[:, None]
+            start = r_in > 0
+            has_prev = has_prev & (r_in == 0)
         t_prev = prev_time(t, i_d, T)
         p_row = (t64 * B + ob64)[:, None] * D + i_d
         p_row_prev = (t_prev * B + ob64)[:, None] * D + i_d
@@ -201,6 +224,9 @@ def _recurrence_bwd_persistent_kernel(
             if HAS_PROJ:
                 dr = tl.dot(tl.where(m_bp, dh, 0.0).to(W_DTYPE), b_wr,
                             input_precision=PRECISION).to(ACC)
+            if HAS_DCELL:  # return_states: the gradient of this step's cell state
+                dc_c += tl.load(dcell_ptr + p_row * H + o_h[None, :], mask=m_bh,
+                                other=0.0).to(ACC)
             c_t = tl.load(cell_ptr + p_row * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
             c_prev = tl.where(has_prev, tl.load(cell_ptr + p_row_prev * H + o_h[None, :],
                                                 mask=m_bh & has_prev, other=0.0).to(ACC), b_c0)
@@ -236,7 +262,19 @@ def _recurrence_bwd_persistent_kernel(
             dh_c = rec + tl.where(row_act, 0.0, dh)
         else:
             dh_c = rec + dh_keep
+        # dh_c and dc_c now belong to the state that entered step s.
+        dh_c = clamp_grad(dh_c, clip, CLIP)
+        dc_c = clamp_grad(dc_c, clip, CLIP)
+        if HAS_RESETS:  # it was the initial state: its gradient goes there
+            dh0_acc += tl.where(start, dh_c, 0.0)
+            dh_c = tl.where(start, 0.0, dh_c)
+            if CELL == LSTM:
+                dc0_acc += tl.where(start, dc_c, 0.0)
+                dc_c = tl.where(start, 0.0, dc_c)
 
+    if HAS_RESETS:
+        dh_c += dh0_acc
+        dc_c += dc0_acc
     tl.store(dh0_ptr + p_state * P + o_p[None, :], dh_c.to(dh0_ptr.dtype.element_ty), mask=m_bp)
     if CELL == LSTM:
         tl.store(dc0_ptr + p_state * H + o_h[None, :], dc_c.to(dc0_ptr.dtype.element_ty),
@@ -286,8 +324,8 @@ def forward(a: ForwardArgs, the_plan: Plan) -> None:
         _recurrence_fwd_persistent_kernel, (triton.cdiv(a.B, cfg.block_b), a.D),
         xg_ptr=a.xg, stride_xt=a.xg.stride(0), stride_xb=a.xg.stride(1),
         h0_ptr=a.h0, c0_ptr=a.c0, w_hh_ptr=a.w_hh, b_hn_ptr=a.b_hn, w_hr_ptr=a.w_hr,
-        len_ptr=a.lengths, y_ptr=a.y, stride_yt=a.y.stride(0), stride_yb=a.y.stride(1),
-        hn_ptr=a.hn, cn_ptr=a.cn, gates_ptr=a.gates, cell_ptr=a.cell,
+        len_ptr=a.lengths, **a.reset_args(),
+        y_ptr=a.y, stride_yt=a.y.stride(0), stride_yb=a.y.stride(1), hn_ptr=a.hn, cn_ptr=a.cn, gates_ptr=a.gates, cell_ptr=a.cell,
         T=a.T, B=a.B, H=a.H, P=a.P,
         CELL=a.mode, G=a.G, NSAVE=a.NSAVE, SAVE=a.save, ACC=a.ACC, PRECISION=a.precision,
         BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_P=cfg.block_k,
@@ -302,8 +340,9 @@ def backward(b: BackwardArgs, the_plan: Plan) -> None:
         dy_ptr=b.dy, stride_dyt=b.dy.stride(0), stride_dyb=b.dy.stride(1),
         dhn_ptr=b.dhn, dcn_ptr=b.dcn, y_ptr=b.y, stride_yt=b.y.stride(0),
         stride_yb=b.y.stride(1), h0_ptr=b.h0, c0_ptr=b.c0, gates_ptr=b.gates, cell_ptr=b.cell,
-        w_hh_ptr=b.w_hh, w_hr_ptr=b.w_hr, len_ptr=b.lengths,
-        dgx_ptr=b.dgx, dgh_ptr=b.dgh, dhp_ptr=b.dhp, dh0_ptr=b.dh0, dc0_ptr=b.dc0,
+        w_hh_ptr=b.w_hh, w_hr_ptr=b.w_hr, len_ptr=b.lengths, **b.reset_args(),
+        dcell_ptr=b.dcell, dgx_ptr=b.dgx, dgh_ptr=b.dgh, dhp_ptr=b.dhp, dh0_ptr=b.dh0,
+        dc0_ptr=b.dc0, clip=b.clip,
         T=b.T, B=b.B, H=b.H, P=b.P,
         CELL=b.mode, G=b.G, NSAVE=b.NSAVE, ACC=b.ACC, PRECISION=b.precision,
         BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_P=cfg.block_k,

@@ -1,7 +1,7 @@
 """The recurrence op: the only place where time is sequential.
 
-``recurrence(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save, strategy)``
-runs one layer, all of its directions: one GEMM projects the input of every step and direction
+``recurrence(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save, strategy,
+resets, clip)`` runs one layer, all of its directions: one GEMM projects the input of every step and direction
 (``xg = x W_ih^T + b_x``), then a Triton kernel runs the sequential part. It is a
 ``torch.library`` custom op (``fastrnn::recurrence``) with a fake implementation and registered
 autograd, so ``torch.compile`` traces it without graph breaks. Its backward is a second custom op,
@@ -23,9 +23,12 @@ Shapes (D directions, G gates, H hidden, P = proj_size or H):
 x [T, B, I] (a batch-major tensor seen time-major when batch_first); w_ih [D*G*H, I];
 b_x [D*G*H] (b_ih plus the parts of b_hh that can be pre-summed); h0 [D, B, P]; c0 [D, B, H]
 (LSTM); w_hh [D, G*H, P]; b_hn [D, H] (GRU with bias); w_hr [D, P, H] (LSTM with proj_size);
-lengths [B] int (packed input, sorted decreasing). Outputs: y [T, B, D*P] (batch-major memory when
+lengths [B] int (packed input, sorted decreasing); resets [T, B] bool (a batch-major tensor seen
+time-major when batch_first: episode starts, ``fastrnn.reference``); clip > 0 clamps the recurrent
+gradient (``recurrent_grad_clip``; 0: none). Outputs: y [T, B, D*P] (batch-major memory when
 batch_first), h_n [D, B, P], c_n [D, B, H], and the activations saved for backward: gates
-[T, B, D, NSAVE*H] and cell [T, B, D, H] (LSTM); empty where not saved.
+[T, B, D, NSAVE*H] and cell [T, B, D, H] (LSTM; every step's cell state, differentiable: what
+``return_states`` returns); empty where not saved.
 """
 
 from __future__ import annotations
@@ -127,13 +130,20 @@ def _lengths(lengths: Optional[Tensor], device) -> Optional[Tensor]:
     return None if lengths is None else lengths.to(device=device, dtype=torch.int32)
 
 
+def _resets(resets: Optional[Tensor]) -> Optional[Tensor]:
+    """The kernels' view of the episode starts: [T, B] uint8 (the same bytes as the bool)."""
+    return None if resets is None else resets.view(torch.uint8)
+
+
 @torch.library.custom_op("fastrnn::recurrence", mutates_args=())
 def recurrence_op(x: Tensor, w_ih: Tensor, b_x: Optional[Tensor], h0: Tensor,
                   c0: Optional[Tensor], w_hh: Tensor, b_hn: Optional[Tensor],
                   w_hr: Optional[Tensor], lengths: Optional[Tensor], mode: int, batch_first: bool,
-                  save: bool, strategy: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  save: bool, strategy: str, resets: Optional[Tensor] = None, clip: float = 0.0
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The forward op (no autograd of its own: ``recurrence`` below is the differentiable
-    entry point)."""
+    entry point). ``clip`` changes only the backward; the op takes it so that its autograd
+    sees it."""
     y, hn, cn, gates, cell = _forward_outputs(mode, x, h0, w_hh, batch_first, save)
     T, B = x.shape[0], x.shape[1]
     if _empty(T, B, w_hh):  # nothing to compute: torch.nn's empty (or zero-width) results
@@ -149,13 +159,15 @@ def recurrence_op(x: Tensor, w_ih: Tensor, b_x: Optional[Tensor], h0: Tensor,
         xg=xg, h0=h0.contiguous(), c0=c0.contiguous() if c0 is not None else None,
         w_hh=w_hh.contiguous(), b_hn=b_hn.contiguous() if b_hn is not None else None,
         w_hr=w_hr.contiguous() if w_hr is not None else None, lengths=_lengths(lengths, device),
-        y=y, hn=hn, cn=_some(cn), gates=_some(gates), cell=_some(cell), save=save)
+        y=y, hn=hn, cn=_some(cn), gates=_some(gates), cell=_some(cell), save=save,
+        resets=_resets(resets))
     dispatch.launch(the_plan.strategy, "fwd", args, the_plan)
     return y, hn, cn, gates, cell
 
 
 @recurrence_op.register_fake
-def _(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save, strategy):
+def _(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save, strategy,
+      resets=None, clip=0.0):
     return _forward_outputs(mode, x, h0, w_hh, batch_first, save)
 
 
@@ -181,20 +193,28 @@ def _backward_outputs(mode, dy, x, w_ih, h0, w_hh, w_hr, has_b_x, has_b_hn, want
             out(GRAD_W_HR if w_hr is not None else 0, *lead, D, P, H))
 
 
-def _previous_states(y: Tensor, h0: Tensor) -> Tensor:
-    """[T, B, D, P]: the state each step started from (h_{t-1} forward, h_{t+1} reverse)."""
+def _previous_states(y: Tensor, h0: Tensor, resets: Optional[Tensor] = None) -> Tensor:
+    """[T, B, D, P]: the state each step started from (h_{t-1} forward, h_{t+1} reverse; h0 at
+    an episode start)."""
+    from ..reference import entering_resets
+
     D, _, P = h0.shape
     y4 = y.unflatten(-1, (D, P))
     prev = [torch.cat([h0[0].unsqueeze(0), y4[:-1, :, 0]], dim=0)]
     if D == 2:
         prev.append(torch.cat([y4[1:, :, 1], h0[1].unsqueeze(0)], dim=0))
+    if resets is not None:
+        prev = [torch.where(entering_resets(resets, d)[:, :, None], h0[d], p)
+                for d, p in enumerate(prev)]
     return torch.stack(prev, dim=2)
 
 
 def backward_impl(dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, lengths, mode,
-                  batch_first, has_b_x, has_b_hn, wanted, strategy, groups=1):
+                  batch_first, has_b_x, has_b_hn, wanted, strategy, resets=None, clip=0.0,
+                  dcell=None, groups=1):
     """The backward op's work. ``groups`` > 1 (vmap) sums the weight gradients per group of
-    consecutive batch rows instead of over the whole batch, giving them a leading group dim."""
+    consecutive batch rows instead of over the whole batch, giving them a leading group dim.
+    ``dcell`` is the gradient of every step's cell state (``return_states``) or None."""
     grads = _backward_outputs(mode, dy, x, w_ih, h0, w_hh, w_hr, has_b_x, has_b_hn, wanted,
                               groups)
     d_x, d_w_ih, d_b_x, dh0, dc0, d_w_hh, d_b_hn, d_w_hr = grads
@@ -219,7 +239,9 @@ def backward_impl(dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, len
         y=y, h0=h0.contiguous(), c0=c0.contiguous() if is_lstm else None,
         gates=_some(gates), cell=_some(cell), w_hh=w_hh.contiguous(),
         w_hr=w_hr.contiguous() if w_hr is not None else None, lengths=_lengths(lengths, device),
-        dgx=dgx, dgh=dgh, dhp=dhp, dh0=dh0_k, dc0=dc0_k)
+        dgx=dgx, dgh=dgh, dhp=dhp, dh0=dh0_k, dc0=dc0_k, resets=_resets(resets),
+        dcell=dcell.contiguous() if is_lstm and _some(dcell) is not None else None,
+        clip=float(clip))
     dispatch.launch(the_plan.strategy, "bwd", args, the_plan)
 
     # Everything parallel over time: whole-sequence GEMMs (per group of rows under vmap).
@@ -245,7 +267,8 @@ def backward_impl(dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, len
         if wanted & (GRAD_W_HH | GRAD_B_HN):
             g = rows(dgh4.reshape(T, B, D * GH), D * GH).unflatten(-1, (D, GH))
             if wanted & GRAD_W_HH:
-                prev = rows(_previous_states(y, h0).reshape(T, B, D * P), D * P).unflatten(
+                prev = rows(_previous_states(y, h0, resets).reshape(T, B, D * P),
+                            D * P).unflatten(
                     -1, (D, P))
                 grads[5] = done(torch.einsum("nrdg,nrdp->ndgp", g, prev))
             if has_b_hn and wanted & GRAD_B_HN:
@@ -264,17 +287,19 @@ def recurrence_backward(dy: Tensor, dhn: Tensor, dcn: Optional[Tensor], x: Tenso
                         y: Tensor, h0: Tensor, c0: Optional[Tensor], gates: Tensor, cell: Tensor,
                         w_hh: Tensor, w_hr: Optional[Tensor], lengths: Optional[Tensor],
                         mode: int, batch_first: bool, has_b_x: bool, has_b_hn: bool, wanted: int,
-                        strategy: str
+                        strategy: str, resets: Optional[Tensor] = None, clip: float = 0.0,
+                        dcell: Optional[Tensor] = None
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr), those ``wanted`` (GRAD_* bits);
     the others come back empty. ``x`` and ``dx`` are time-major views, as in the forward op."""
     return backward_impl(dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, lengths,
-                         mode, batch_first, has_b_x, has_b_hn, wanted, strategy)
+                         mode, batch_first, has_b_x, has_b_hn, wanted, strategy, resets, clip,
+                         dcell)
 
 
 @recurrence_backward.register_fake
 def _(dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, lengths, mode, batch_first,
-      has_b_x, has_b_hn, wanted, strategy):
+      has_b_x, has_b_hn, wanted, strategy, resets=None, clip=0.0, dcell=None):
     return _backward_outputs(mode, dy, x, w_ih, h0, w_hh, w_hr, has_b_x, has_b_hn, wanted)
 
 
@@ -328,28 +353,32 @@ def _strategy_for(strategy: str, mode: int, B: int, w_hh: Tensor, device) -> str
 
 @recurrence_op.register_vmap
 def _(info, in_dims, x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save,
-      strategy):
+      strategy, resets=None, clip=0.0):
     n = info.batch_size
-    args = (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save, strategy)
+    args = (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save, strategy,
+            resets, clip)
+    in_dims = tuple(in_dims) + (None,) * (len(args) - len(in_dims))
     if any(in_dims[i] is not None for i in (1, 2, 5, 6, 7)):
         return _per_sample(recurrence_op, n, in_dims, args)
     x = _fold(x, in_dims[0], n, 1).contiguous()      # time-major [T, N*B, I]
     h0 = _fold(h0, in_dims[3], n, 1)
     c0 = _fold(c0, in_dims[4], n, 1)
     lengths = _fold(lengths, in_dims[8], n, 0)
+    resets = _fold(resets, in_dims[13], n, 1)        # time-major [T, N*B]
     strategy = _strategy_for(strategy, mode, x.shape[1], w_hh, x.device)
     y, hn, cn, gates, cell = recurrence_op(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths,
-                                           mode, False, save, strategy)
+                                           mode, False, save, strategy, resets, clip)
     outs = [_unfold(t, n, 1) for t in (y, hn, cn, gates, cell)]
     return tuple(o for o, _ in outs), tuple(d for _, d in outs)
 
 
 @torch.library.register_vmap("fastrnn::recurrence_backward")
 def _(info, in_dims, dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, lengths, mode,
-      batch_first, has_b_x, has_b_hn, wanted, strategy):
+      batch_first, has_b_x, has_b_hn, wanted, strategy, resets=None, clip=0.0, dcell=None):
     n = info.batch_size
     args = (dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, lengths, mode,
-            batch_first, has_b_x, has_b_hn, wanted, strategy)
+            batch_first, has_b_x, has_b_hn, wanted, strategy, resets, clip, dcell)
+    in_dims = tuple(in_dims) + (None,) * (len(args) - len(in_dims))
     if any(in_dims[i] is not None for i in (4, 10, 11)):
         return _per_sample(recurrence_backward, n, in_dims, args)
     weights = (4, 10, 11)                           # w_ih, w_hh, w_hr: shared here
@@ -357,11 +386,14 @@ def _(info, in_dims, dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, 
               else _fold(t, d, n, 0 if i == 12 else 1)
               for i, (t, d) in enumerate(zip(args[:13], in_dims[:13]))]
     dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, lengths = folded
+    resets = _fold(resets, in_dims[19], n, 1)        # [T, N*B]
+    dcell = _fold(dcell, in_dims[21], n, 1)          # [T, N*B, D, H]
     strategy = _strategy_for(strategy, mode, dy.shape[1], w_hh, dy.device)
     # One launch for every sample; the weight gradients are summed per sample (groups).
     grads = backward_impl(dy.contiguous(), dhn, dcn, x, w_ih, y.contiguous(), h0, c0,
                           gates.contiguous(), cell.contiguous(), w_hh, w_hr, lengths, mode,
-                          batch_first, has_b_x, has_b_hn, wanted, strategy, groups=n)
+                          batch_first, has_b_x, has_b_hn, wanted, strategy, resets, clip,
+                          dcell, groups=n)
     out, dims = [], []
     for i, g in enumerate(grads):
         if i in (0, 3, 4):                          # dx, dh0, dc0: per row of the batch
@@ -384,31 +416,35 @@ class Recurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save,
-                strategy):
+                strategy, resets, clip):
         return recurrence_op(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first,
-                             save, strategy)
+                             save, strategy, resets, clip)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save,
-         strategy) = inputs
+         strategy, resets, clip) = (tuple(inputs) + (None, 0.0))[:15]
         y, _, _, gates, cell = output
         ctx.mode = mode
         ctx.batch_first = batch_first
         ctx.saved_activations = save
+        ctx.clip = clip
         # The strategy the forward ran (resolved now if the caller left it to the op): the
         # backward runs the same one, whichever thread autograd runs it on.
         ctx.strategy = strategy or (_plan(mode, x.shape[1], w_hh, x.device, "").strategy
                                     if not _empty(x.shape[0], x.shape[1], w_hh) else "")
         ctx.has_b_x = b_x is not None
         ctx.has_b_hn = b_hn is not None
-        ctx.mark_non_differentiable(gates, cell)
-        ctx.save_for_backward(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, y, gates, cell)
-        ctx.save_for_forward(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths)
+        # Every step's cell state (``cell``) is differentiable: return_states hands it out.
+        ctx.mark_non_differentiable(gates)
+        ctx.save_for_backward(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, resets, y, gates,
+                              cell)
+        ctx.save_for_forward(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, resets)
 
     @staticmethod
-    def backward(ctx, dy, dhn, dcn, _dgates, _dcell):
-        x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, y, gates, cell = ctx.saved_tensors
+    def backward(ctx, dy, dhn, dcn, _dgates, dcell):
+        (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, resets, y, gates,
+         cell) = ctx.saved_tensors
         mode = ctx.mode
         if dy is None:
             dy = torch.zeros_like(y)
@@ -420,14 +456,17 @@ class Recurrence(torch.autograd.Function):
             raise RuntimeError("fastrnn: backward through a recurrence run without saved "
                                "activations (it ran under no_grad or with inputs not requiring "
                                "grad)")
+        if dcell is not None and (mode != _modes.LSTM or not dcell.numel()):
+            dcell = None
         needs = ctx.needs_input_grad
         wanted = sum(1 << i for i in range(8) if needs[i])
         grads = RecurrenceBackward.apply(
             dy, dhn, dcn if mode == _modes.LSTM else None, x, w_ih, b_x, y, h0, c0, gates, cell,
-            w_hh, b_hn, w_hr, lengths, mode, ctx.batch_first, wanted, ctx.strategy)
+            w_hh, b_hn, w_hr, lengths, mode, ctx.batch_first, wanted, ctx.strategy, resets,
+            ctx.clip, dcell)
         present = (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr)
         out = [g if needs[i] and present[i] is not None else None for i, g in enumerate(grads)]
-        return tuple(out) + (None,) * 5
+        return tuple(out) + (None,) * 7
 
     @staticmethod
     def jvp(ctx, *tangents):
@@ -437,7 +476,7 @@ class Recurrence(torch.autograd.Function):
         from ..reference import recurrence_reference
 
         primals = ctx.saved_tensors
-        x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths = primals
+        x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, resets = primals
         mode, batch_first = ctx.mode, ctx.batch_first
         present = [i for i in range(8) if primals[i] is not None]
 
@@ -446,30 +485,34 @@ class Recurrence(torch.autograd.Function):
             for i, a in zip(present, args):
                 full[i] = a
             xg = project(full[0], full[1], full[2], batch_first)
-            y, hn, cn = recurrence_reference(mode, xg, full[3], full[4], full[5], full[6],
-                                             full[7], lengths)
-            return (y, hn) if cn is None else (y, hn, cn)
+            y, hn, cn, cells = recurrence_reference(mode, xg, full[3], full[4], full[5], full[6],
+                                                    full[7], lengths, resets, states=True)
+            return (y, hn) if cn is None else (y, hn, cn, cells)
 
         tangent_in = [tangents[i] if tangents[i] is not None else torch.zeros_like(primals[i])
                       for i in present]
         _, out = torch.func.jvp(f, tuple(primals[i] for i in present), tuple(tangent_in))
         dy, dhn = out[0], out[1]
+        dcell = None
         if mode == _modes.LSTM:
             dcn = out[2]
+            if ctx.saved_activations:  # the forward returned every step's cell state
+                dcell = out[3].to(acc_dtype(out[3].dtype))
         else:  # the forward's c_n is empty, [0, B, H]
             dcn = dhn.new_zeros(0, dhn.shape[1], w_hh.shape[1] // _modes.NUM_GATES[mode])
-        return dy, dhn, dcn, None, None
+        return dy, dhn, dcn, None, dcell
 
 
 def recurrence(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode: int, batch_first: bool,
-               save: bool, strategy: str):
+               save: bool, strategy: str, resets: Optional[Tensor] = None, clip: float = 0.0):
     """The differentiable recurrence of one layer (all its directions); see the module docstring.
     Returns ``(y, h_n, c_n, gates, cell)``.
 
     Eagerly (and under torch.func) this is the ``Recurrence`` Function. torch.compile cannot trace
     a Function with a custom jvp, so there the op runs with the same autograd registered on it
     (``register_autograd``), which torch.compile keeps opaque."""
-    args = (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save, strategy)
+    args = (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save, strategy,
+            resets, float(clip or 0.0))
     if torch.compiler.is_compiling():
         return recurrence_op(*args)
     return Recurrence.apply(*args)
@@ -492,37 +535,39 @@ class RecurrenceBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(dy, dhn, dcn, x, w_ih, b_x, y, h0, c0, gates, cell, w_hh, b_hn, w_hr, lengths,
-                mode, batch_first, wanted, strategy):
+                mode, batch_first, wanted, strategy, resets, clip, dcell):
         return recurrence_backward(dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr,
                                    lengths, mode, batch_first, b_x is not None,
-                                   b_hn is not None, wanted, strategy)
+                                   b_hn is not None, wanted, strategy, resets, clip, dcell)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         (dy, dhn, dcn, x, w_ih, b_x, _, h0, c0, _, _, w_hh, b_hn, w_hr, lengths, mode,
-         batch_first, wanted, _) = inputs
-        ctx.mode, ctx.batch_first, ctx.wanted = mode, batch_first, wanted
-        ctx.save_for_backward(dy, dhn, dcn, x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths)
+         batch_first, wanted, _, resets, clip, dcell) = inputs
+        ctx.mode, ctx.batch_first, ctx.wanted, ctx.clip = mode, batch_first, wanted, clip
+        ctx.save_for_backward(dy, dhn, dcn, x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, dcell,
+                              lengths, resets)
 
     @staticmethod
     def backward(ctx, *grad_grads):
         from ..reference import recurrence_reference
 
         saved = ctx.saved_tensors
-        wrt, lengths = list(saved[:11]), saved[11]   # dy, dhn, dcn, then the op's 8 inputs
-        mode, batch_first, wanted = ctx.mode, ctx.batch_first, ctx.wanted
+        # dy, dhn, dcn, the op's 8 inputs, dcell: what the first-order gradients depend on.
+        wrt, (lengths, resets) = list(saved[:12]), saved[12:]
+        mode, batch_first, wanted, clip = ctx.mode, ctx.batch_first, ctx.wanted, ctx.clip
         present = [i for i, t in enumerate(wrt) if t is not None]
         # The first-order gradients this Function returned (GRAD_* bits of present inputs).
         firsts = [j for j in range(8) if wrt[3 + j] is not None and wanted >> j & 1]
 
         def first_order(*args):
-            """The gradients of the recurrence's inputs, as a function of (dy, dhn, dcn, inputs):
-            autograd of the plain-PyTorch reference. torch.func.vjp keeps every argument
+            """The gradients of the recurrence's inputs, as a function of (dy, dhn, dcn, inputs,
+            dcell): autograd of the plain-PyTorch reference. torch.func.vjp keeps every argument
             independent, so derivatives are partial, as a backward must return them."""
-            full = [None] * 11
+            full = [None] * 12
             for i, a in zip(present, args):
                 full[i] = a
-            ins = full[3:]
+            ins = full[3:11]
             live = [j for j in range(8) if ins[j] is not None]
 
             def reference(*ps):
@@ -530,22 +575,26 @@ class RecurrenceBackward(torch.autograd.Function):
                 for j, p in zip(live, ps):
                     xs[j] = p
                 xg = project(xs[0], xs[1], xs[2], batch_first)
-                y, hn, cn = recurrence_reference(mode, xg, xs[3], xs[4], xs[5], xs[6], xs[7],
-                                                 lengths)
-                return (y, hn) if cn is None else (y, hn, cn)
+                y, hn, cn, cells = recurrence_reference(mode, xg, xs[3], xs[4], xs[5], xs[6],
+                                                        xs[7], lengths, resets, clip, states=True)
+                if cn is None:
+                    return y, hn
+                return (y, hn, cn) if full[11] is None else (y, hn, cn, cells)
 
-            _, pull = torch.func.vjp(reference, *[ins[j] for j in live])
+            outs, pull = torch.func.vjp(reference, *[ins[j] for j in live])
             ups = (full[0], full[1]) if mode != _modes.LSTM else (full[0], full[1], full[2])
+            if len(outs) == 4:
+                ups += (full[11].to(outs[3].dtype),)
             got = dict(zip(live, pull(ups)))
             return tuple(got[j] for j in firsts)
 
         _, pull = torch.func.vjp(first_order, *[wrt[i] for i in present])
         cotangents = tuple(grad_grads[j] if grad_grads[j] is not None and grad_grads[j].numel()
                            else torch.zeros_like(wrt[3 + j]) for j in firsts)
-        d = [None] * 11
+        d = [None] * 12
         for i, g in zip(present, pull(cotangents)):
             d[i] = g
         # Inputs: dy, dhn, dcn, x, w_ih, b_x, y, h0, c0, gates, cell, w_hh, b_hn, w_hr, lengths,
-        # then four non-tensors.
+        # four non-tensors, resets, clip, dcell.
         return (d[0], d[1], d[2], d[3], d[4], d[5], None, d[6], d[7], None, None, d[8], d[9],
-                d[10], None, None, None, None, None)
+                d[10], None, None, None, None, None, None, None, d[11])

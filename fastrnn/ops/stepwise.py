@@ -17,27 +17,40 @@ import torch
 import triton
 import triton.language as tl
 
-from ._jit import (LSTM, GRU, cell_backward, cell_forward, load_gate_tiles, load_gates, positive,
-                   prev_time, save_gates, step_time, store_gates)
+from ._jit import (LSTM, GRU, cell_backward, cell_forward, clamp_grad, entering_reset,
+                   load_gate_tiles, load_gates, positive, prev_time, save_gates, step_time,
+                   store_gates)
 from .args import BackwardArgs, ForwardArgs, acc_dtype
 from .select import (LAUNCHES, DeviceSpec, DoesNotFit, KernelConfig, Plan, Problem,
                      fast_activations, kernel_name, launch_kernel, operand_copies,
                      resolve_heuristics)
 
-_LENGTHS = {"HAS_LENGTHS": lambda a: a["len_ptr"] is not None}
+_LENGTHS = {"HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
+            "HAS_RESETS": lambda a: a["rs_ptr"] is not None}
 
 
 @triton.jit
-def _load_prev(y_ptr, stride_yt, stride_yb, t_prev, init_ptr, init_rows, init_width, s,
+def _first(rs_ptr, stride_rt, stride_rb, s, i_d, T, o_b, m_b, HAS_RESETS: tl.constexpr):
+    """[BLOCK_B, 1] int32: 1 where the state entering forward step s is the initial state (the
+    first step, or an episode start), else 0."""
+    first = positive(1 - s, o_b).to(tl.int32)
+    if HAS_RESETS:
+        first = tl.maximum(first, entering_reset(rs_ptr, stride_rt, stride_rb, s, i_d, T, o_b,
+                                                 m_b))
+    return first[:, None]
+
+
+@triton.jit
+def _load_prev(y_ptr, stride_yt, stride_yb, t_prev, init_ptr, init_rows, init_width, first,
                o_b, o_f, m, i_d, P):
-    """State before forward step s: y at t_prev, or the initial state when s == 0."""
+    """State before forward step s: y at t_prev, or the initial state where ``first``
+    (``_first``)."""
     ob64 = o_b.to(tl.int64)
-    has_prev = positive(s, o_b)[:, None]
-    first = positive(1 - s, o_b)[:, None]
+    has_prev = first == 0
     from_y = tl.load(y_ptr + t_prev * stride_yt + ob64[:, None] * stride_yb + i_d * P
                      + o_f[None, :], mask=m & has_prev, other=0.0)
     from_init = tl.load(init_ptr + (init_rows + ob64)[:, None] * init_width + o_f[None, :],
-                        mask=m & first, other=0.0)
+                        mask=m & (first > 0), other=0.0)
     return tl.where(has_prev, from_y, from_init)
 
 
@@ -48,6 +61,7 @@ def _recurrence_fwd_step_kernel(
     xg_ptr, stride_xt, stride_xb,      # [T, B, D*G*H]
     h0_ptr, c0_ptr,                    # [D, B, P], [D, B, H]
     w_hh_ptr, b_hn_ptr, len_ptr,       # [D, G*H, P], [D, H], [B]
+    rs_ptr, stride_rt, stride_rb,      # [T, B] uint8 episode starts (resets)
     y_ptr, stride_yt, stride_yb,       # [T, B, D*P]
     r_ptr,                             # [D, B, H] o*tanh(c) of this step (projection only)
     gates_ptr, cell_ptr,               # [T, B, D, NSAVE*H], [T, B, D, H]
@@ -55,7 +69,8 @@ def _recurrence_fwd_step_kernel(
     CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr, HAS_PROJ: tl.constexpr,
     SAVE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_BHN: tl.constexpr, HAS_LENGTHS: tl.constexpr, FAST: tl.constexpr,
+    HAS_BHN: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     i_b = tl.program_id(0)
     i_h = tl.program_id(1)
@@ -72,6 +87,7 @@ def _recurrence_fwd_step_kernel(
     ob64 = o_b.to(tl.int64)
     W_DTYPE = w_hh_ptr.dtype.element_ty
     Y_DTYPE = y_ptr.dtype.element_ty
+    first = _first(rs_ptr, stride_rt, stride_rb, s, i_d, T, o_b, m_b, HAS_RESETS)
 
     acc0 = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
     acc1 = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
@@ -80,7 +96,7 @@ def _recurrence_fwd_step_kernel(
     for k0 in range(0, P, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < P
-        b_h = _load_prev(y_ptr, stride_yt, stride_yb, t_prev, h0_ptr, i_d * B, P, s,
+        b_h = _load_prev(y_ptr, stride_yt, stride_yb, t_prev, h0_ptr, i_d * B, P, first,
                          o_b, o_k, m_b[:, None] & m_k[None, :], i_d, P).to(W_DTYPE)
         p_w = w_hh_ptr + i_d * (G * H * P) + o_h[None, :] * P + o_k[:, None]
         m_w = m_k[:, None] & m_h[None, :]
@@ -106,10 +122,10 @@ def _recurrence_fwd_step_kernel(
     h_prev = acc0
     c = acc0
     if CELL == LSTM:
-        c = _load_prev(cell_ptr, B * D * H, D * H, t_prev, c0_ptr, i_d * B, H, s,
+        c = _load_prev(cell_ptr, B * D * H, D * H, t_prev, c0_ptr, i_d * B, H, first,
                        o_b, o_h, m_bh, i_d, H).to(ACC)
     if CELL != LSTM or not HAS_PROJ:
-        h_prev = _load_prev(y_ptr, stride_yt, stride_yb, t_prev, h0_ptr, i_d * B, P, s,
+        h_prev = _load_prev(y_ptr, stride_yt, stride_yb, t_prev, h0_ptr, i_d * B, P, first,
                             o_b, o_h, m_bh, i_d, P).to(ACC)
     b_bhn = 0.0
     if HAS_BHN:
@@ -133,11 +149,12 @@ def _recurrence_fwd_step_kernel(
 @triton.jit(do_not_specialize=["s"])  # one compiled kernel for every step
 def _projection_step_kernel(
     r_ptr, w_hr_ptr, h0_ptr, len_ptr,  # [D, B, H], [D, P, H], [D, B, P], [B]
+    rs_ptr, stride_rt, stride_rb,      # [T, B] uint8 episode starts (resets)
     y_ptr, stride_yt, stride_yb,
     s, T, B, H, P,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr,
 ):
     """LSTM with proj_size: h_t = r_t @ W_hr^T (inactive rows keep their state)."""
     i_b = tl.program_id(0)
@@ -165,7 +182,8 @@ def _projection_step_kernel(
     h_new = acc
     if HAS_LENGTHS:
         act = (t < tl.load(len_ptr + o_b, mask=m_b, other=0))[:, None]
-        h_prev = _load_prev(y_ptr, stride_yt, stride_yb, t_prev, h0_ptr, i_d * B, P, s,
+        first = _first(rs_ptr, stride_rt, stride_rb, s, i_d, T, o_b, m_b, HAS_RESETS)
+        h_prev = _load_prev(y_ptr, stride_yt, stride_yb, t_prev, h0_ptr, i_d * B, P, first,
                             o_b, o_p, m_bp, i_d, P).to(ACC)
         h_new = tl.where(act, h_new, h_prev)
     tl.store(y_ptr + t64 * stride_yt + ob64[:, None] * stride_yb + i_d * P + o_p[None, :],
@@ -177,14 +195,17 @@ def _projection_step_kernel(
 def _recurrence_bwd_step_dh_kernel(
     dy_ptr, stride_dyt, stride_dyb,    # [T, B, D*P]
     gates_ptr, w_hh_ptr, len_ptr,
+    rs_ptr, stride_rt, stride_rb,      # [T, B] uint8 episode starts (resets)
     dgh_ptr,                           # [T, B, D, G*H] gradients of W_hh h (+ b_hh) so far
     dh_ptr,                            # [D, B, P] (ACC) total dh of the previous step, updated
     dhp_ptr, dh0_ptr,                  # [T, B, D, P] (projection), [D, B, P] (last launch)
+    d0_ptr,                            # [D, B, P] (ACC) dh0 collected at episode starts
+    clip,                              # recurrent gradient clip (CLIP)
     k, T, B, H, P,
     CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr, HAS_PROJ: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, CLIP: tl.constexpr,
 ):
     """Total dh of backward step k (forward step s = T-1-k): dy_t plus what flows back from the
     step undone before it, ``dG_q @ W_hh + keep_q * dh_q``. k == T (the last launch): the same
@@ -234,6 +255,19 @@ def _recurrence_bwd_step_dh_kernel(
         keep = tl.where(act_q, 0.0, 1.0)
     p_dh = dh_ptr + (i_d * B + ob64)[:, None] * P + o_p[None, :]
     dh = acc + keep * tl.load(p_dh, mask=m_bp, other=0.0)
+    # Past k = 0, dh belongs to the state that entered forward step q: clipped there; at an
+    # episode start (q > 0), the initial state's.
+    if CLIP:
+        dh = tl.where(has_q, clamp_grad(dh, clip, CLIP), dh)
+    if HAS_RESETS:
+        p_d0 = d0_ptr + (i_d * B + ob64)[:, None] * P + o_p[None, :]
+        d0 = tl.load(p_d0, mask=m_bp, other=0.0)
+        if final:
+            dh += d0
+        else:
+            start = entering_reset(rs_ptr, stride_rt, stride_rb, q, i_d, T, o_b, m_b)[:, None] > 0
+            tl.store(p_d0, d0 + tl.where(start, dh, 0.0), mask=m_bp)
+            dh = tl.where(start, 0.0, dh)
     if final:
         tl.store(dh0_ptr + (i_d * B + ob64)[:, None] * P + o_p[None, :],
                  dh.to(dh0_ptr.dtype.element_ty), mask=m_bp)
@@ -253,18 +287,25 @@ def _recurrence_bwd_step_dh_kernel(
 
 
 @triton.heuristics({**_LENGTHS, "HAS_PROJ": lambda a: a["w_hr_ptr"] is not None,
+                    "HAS_DCELL": lambda a: a["dcell_ptr"] is not None,
+                    "CLIP": lambda a: a["clip"] > 0,
                     "FAST": lambda a: fast_activations(a["dgx_ptr"].dtype)})
 @triton.jit(do_not_specialize=["k"])  # one compiled kernel for every step
 def _recurrence_bwd_step_gates_kernel(
     y_ptr, stride_yt, stride_yb, h0_ptr, c0_ptr,
     gates_ptr, cell_ptr, w_hr_ptr, len_ptr,
+    rs_ptr, stride_rt, stride_rb,      # [T, B] uint8 episode starts (resets)
+    dcell_ptr,                         # [T, B, D, H] gradient of every step's cell state
     dh_ptr, dc_ptr,                    # [D, B, P] total dh of this step, [D, B, H] dc (updated)
+    dc0_ptr,                           # [D, B, H] (ACC) dc0 collected at episode starts
     dgx_ptr, dgh_ptr,                  # [T, B, D, G*H]
+    clip,                              # recurrent gradient clip (CLIP)
     k, T, B, H, P,
     CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, HAS_PROJ: tl.constexpr, FAST: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, HAS_PROJ: tl.constexpr,
+    HAS_DCELL: tl.constexpr, CLIP: tl.constexpr, FAST: tl.constexpr,
 ):
     """Gradients of the gate pre-activations of forward step s = T-1-k, for a hidden tile."""
     i_b = tl.program_id(0)
@@ -283,6 +324,7 @@ def _recurrence_bwd_step_gates_kernel(
     ob64 = o_b.to(tl.int64)
     G_DTYPE = dgx_ptr.dtype.element_ty
     p_row = (t64 * B + ob64)[:, None] * D + i_d
+    first = _first(rs_ptr, stride_rt, stride_rb, s, i_d, T, o_b, m_b, HAS_RESETS)
     if HAS_LENGTHS:
         act = (t < tl.load(len_ptr + o_b, mask=m_b, other=0))[:, None] & m_bh
     else:
@@ -313,11 +355,13 @@ def _recurrence_bwd_step_gates_kernel(
     dc = dr
     if CELL == LSTM:
         c_t = tl.load(cell_ptr + p_row * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
-        c_prev = _load_prev(cell_ptr, B * D * H, D * H, t_prev, c0_ptr, i_d * B, H, s,
+        c_prev = _load_prev(cell_ptr, B * D * H, D * H, t_prev, c0_ptr, i_d * B, H, first,
                             o_b, o_h, m_bh, i_d, H).to(ACC)
         dc = tl.load(dc_ptr + (i_d * B + ob64)[:, None] * H + o_h[None, :], mask=m_bh, other=0.0)
+        if HAS_DCELL:  # return_states: the gradient of this step's cell state
+            dc += tl.load(dcell_ptr + p_row * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
     elif CELL == GRU:
-        h_prev = _load_prev(y_ptr, stride_yt, stride_yb, t_prev, h0_ptr, i_d * B, P, s,
+        h_prev = _load_prev(y_ptr, stride_yt, stride_yb, t_prev, h0_ptr, i_d * B, P, first,
                             o_b, o_h, m_bh, i_d, P).to(ACC)
     else:
         h_t = tl.load(y_ptr + t64 * stride_yt + ob64[:, None] * stride_yb + i_d * P
@@ -330,6 +374,14 @@ def _recurrence_bwd_step_gates_kernel(
     else:
         store_gates(p_dg, g0, g1, g2, g3, m_bh, H, G)
     if CELL == LSTM:
+        # dc of the state that entered step s: clipped; at the first step or an episode start,
+        # the initial state's (collected in dc0).
+        dc_prev = clamp_grad(dc_prev, clip, CLIP)
+        if HAS_RESETS:
+            p_dc0 = dc0_ptr + (i_d * B + ob64)[:, None] * H + o_h[None, :]
+            tl.store(p_dc0, tl.load(p_dc0, mask=m_bh, other=0.0)
+                     + tl.where(first > 0, dc_prev, 0.0), mask=m_bh)
+            dc_prev = tl.where(first > 0, 0.0, dc_prev)
         tl.store(dc_ptr + (i_d * B + ob64)[:, None] * H + o_h[None, :], dc_prev, mask=m_bh)
     elif CELL == GRU:
         store_gates(dgh_ptr + p_row * (G * H) + o_h[None, :], g0, g1, gh2, gh2, m_bh, H, 3)
@@ -491,7 +543,7 @@ def forward(a: ForwardArgs, the_plan: Plan) -> None:
         _recurrence_fwd_step_kernel, grid, "s",
         xg_ptr=a.xg, stride_xt=a.xg.stride(0), stride_xb=a.xg.stride(1),
         h0_ptr=a.h0, c0_ptr=a.c0, w_hh_ptr=a.w_hh, b_hn_ptr=a.b_hn, len_ptr=a.lengths,
-        y_ptr=a.y, stride_yt=a.y.stride(0), stride_yb=a.y.stride(1), r_ptr=r,
+        **a.reset_args(), y_ptr=a.y, stride_yt=a.y.stride(0), stride_yb=a.y.stride(1), r_ptr=r,
         gates_ptr=a.gates, cell_ptr=cell, s=0, T=a.T, B=a.B, H=a.H, P=a.P,
         CELL=a.mode, G=a.G, NSAVE=a.NSAVE, HAS_PROJ=a.w_hr is not None, SAVE=a.save,
         ACC=a.ACC, PRECISION=a.precision,
@@ -502,7 +554,7 @@ def forward(a: ForwardArgs, the_plan: Plan) -> None:
         project = StepLauncher(
             _projection_step_kernel,
             (triton.cdiv(a.B, pcfg.block_b), triton.cdiv(a.P, pcfg.block_h), a.D), "s",
-            r_ptr=r, w_hr_ptr=a.w_hr, h0_ptr=a.h0, len_ptr=a.lengths,
+            r_ptr=r, w_hr_ptr=a.w_hr, h0_ptr=a.h0, len_ptr=a.lengths, **a.reset_args(),
             y_ptr=a.y, stride_yt=a.y.stride(0), stride_yb=a.y.stride(1),
             s=0, T=a.T, B=a.B, H=a.H, P=a.P, ACC=a.ACC, PRECISION=a.precision,
             BLOCK_B=pcfg.block_b, BLOCK_P=pcfg.block_h, BLOCK_K=pcfg.block_k,
@@ -528,12 +580,18 @@ def backward(b: BackwardArgs, the_plan: Plan) -> None:
     acc = acc_dtype(b.dy.dtype)
     dh = b.dhn.to(acc).clone()
     dc = b.dcn.to(acc).clone() if b.is_lstm else None
+    # dh0 and dc0 as the episode starts (resets) collect them.
+    d0 = torch.zeros(b.D, b.B, b.P, device=dh.device, dtype=acc) if b.resets is not None \
+        else None
+    dc0 = torch.zeros_like(dc) if b.resets is not None and b.is_lstm else None
     common = dict(CELL=b.mode, G=b.G, NSAVE=b.NSAVE, ACC=b.ACC, PRECISION=b.precision,
-                  len_ptr=b.lengths, k=0, T=b.T, B=b.B, H=b.H, P=b.P)
+                  len_ptr=b.lengths, **b.reset_args(), clip=b.clip, k=0, T=b.T, B=b.B, H=b.H,
+                  P=b.P)
     dh_args = dict(
         dy_ptr=b.dy, stride_dyt=b.dy.stride(0), stride_dyb=b.dy.stride(1),
         gates_ptr=b.gates, w_hh_ptr=b.w_hh, dgh_ptr=b.dgh if b.dgh is not None else b.dgx,
-        dh_ptr=dh, dhp_ptr=b.dhp, dh0_ptr=b.dh0, HAS_PROJ=b.w_hr is not None,
+        dh_ptr=dh, dhp_ptr=b.dhp, dh0_ptr=b.dh0, d0_ptr=d0, HAS_PROJ=b.w_hr is not None,
+        CLIP=b.clip > 0,
         BLOCK_B=dcfg.block_b, BLOCK_P=dcfg.block_h, BLOCK_K=dcfg.block_k,
         **common, **dcfg.launch_options())
     grid_p = (triton.cdiv(b.B, dcfg.block_b), triton.cdiv(b.P, dcfg.block_h), b.D)
@@ -542,8 +600,8 @@ def backward(b: BackwardArgs, the_plan: Plan) -> None:
         _recurrence_bwd_step_gates_kernel,
         (triton.cdiv(b.B, gcfg.block_b), triton.cdiv(b.H, gcfg.block_h), b.D), "k",
         y_ptr=b.y, stride_yt=b.y.stride(0), stride_yb=b.y.stride(1), h0_ptr=b.h0, c0_ptr=b.c0,
-        gates_ptr=b.gates, cell_ptr=b.cell, w_hr_ptr=b.w_hr, dh_ptr=dh, dc_ptr=dc,
-        dgx_ptr=b.dgx, dgh_ptr=b.dgh,
+        gates_ptr=b.gates, cell_ptr=b.cell, w_hr_ptr=b.w_hr, dcell_ptr=b.dcell, dh_ptr=dh,
+        dc_ptr=dc, dc0_ptr=dc0, dgx_ptr=b.dgx, dgh_ptr=b.dgh,
         BLOCK_B=gcfg.block_b, BLOCK_H=gcfg.block_h, BLOCK_K=gcfg.block_k,
         **common, **gcfg.launch_options())
     for k in range(b.T):
@@ -551,4 +609,4 @@ def backward(b: BackwardArgs, the_plan: Plan) -> None:
         step_gates(k)
     step_dh(b.T)  # dh0
     if b.is_lstm:
-        b.dc0.copy_(dc)
+        b.dc0.copy_(dc if dc0 is None else dc0)
