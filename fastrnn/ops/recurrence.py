@@ -435,8 +435,13 @@ class Recurrence(torch.autograd.Function):
                                     if not _empty(x.shape[0], x.shape[1], w_hh) else "")
         ctx.has_b_x = b_x is not None
         ctx.has_b_hn = b_hn is not None
-        # Every step's cell state (``cell``) is differentiable: return_states hands it out.
-        ctx.mark_non_differentiable(gates)
+        # Every step's cell state (an LSTM's ``cell``, where saved) is differentiable:
+        # return_states hands it out.
+        ctx.cell_differentiable = mode == _modes.LSTM and cell.numel() > 0
+        if ctx.cell_differentiable:
+            ctx.mark_non_differentiable(gates)
+        else:
+            ctx.mark_non_differentiable(gates, cell)
         ctx.save_for_backward(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, resets, y, gates,
                               cell)
         ctx.save_for_forward(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, resets)
@@ -496,8 +501,8 @@ class Recurrence(torch.autograd.Function):
         dcell = None
         if mode == _modes.LSTM:
             dcn = out[2]
-            if ctx.saved_activations:  # the forward returned every step's cell state
-                dcell = out[3].to(acc_dtype(out[3].dtype))
+            if ctx.saved_activations and ctx.cell_differentiable:
+                dcell = out[3].to(acc_dtype(out[3].dtype))  # every step's cell state
         else:  # the forward's c_n is empty, [0, B, H]
             dcn = dhn.new_zeros(0, dhn.shape[1], w_hh.shape[1] // _modes.NUM_GATES[mode])
         return dy, dhn, dcn, None, dcell
