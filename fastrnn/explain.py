@@ -37,7 +37,8 @@ def _precision_text(problem: select.Problem) -> str:
 
 
 def explain_problem(problem: select.Problem, spec: select.DeviceSpec, T: int, layers: int = 1,
-                    compiled: bool = True) -> list[dict]:
+                    compiled: bool = True, recurrent_grad_clip: float | None = None
+                    ) -> list[dict]:
     """One entry per layer (the recurrence is the same problem in every layer)."""
     the_plan = dispatch.plan(problem, spec, dispatch.forced_strategy() or None)
     fwd, bwd = the_plan.launches(T)
@@ -70,6 +71,7 @@ def explain_problem(problem: select.Problem, spec: select.DeviceSpec, T: int, la
             str(problem.dtype).replace("torch.", ""),
             "precision_text": _precision_text(problem), "device": spec.name,
             "grid": list(the_plan.grid), "kernels": kernels,
+            "recurrent_grad_clip": recurrent_grad_clip,
             "other_strategies": {k: v for k, v in dispatch.why_not(problem, spec).items()
                                  if k != the_plan.strategy}}
     return [{"layer": i, **base} for i in range(layers)]
@@ -84,6 +86,11 @@ def format_explanation(rows: list[dict], header: str = "") -> str:
         lines.append(f"layer {r['layer']}: {r['strategy']}: {r['launches_forward']} kernel "
                      f"launch(es) per forward, {r['launches_backward']} per backward; "
                      f"{r['precision_text']}")
+        if r.get("recurrent_grad_clip"):
+            lines.append(f"  recurrent_grad_clip={r['recurrent_grad_clip']}: the backward kernel "
+                         "clamps the gradient flowing into each step's previous state (dh, and "
+                         f"dc for an LSTM) to [-{r['recurrent_grad_clip']}, "
+                         f"{r['recurrent_grad_clip']}]: it changes the gradient on purpose")
         for k in r["kernels"]:
             tiles = (f"tiles batch {k['block_b']} x out {k['block_h']} x inner {k['block_k']}, "
                      f"{k['num_warps']} warps, {k['num_stages']} stage(s)")
@@ -123,10 +130,12 @@ def explain(module, input, hx=None) -> list[dict]:
     data = input.data if isinstance(input, PackedSequence) else input
     device = data.device
     layers = module.num_layers
+    clip = getattr(module, "recurrent_grad_clip", None)
     if not use_kernels(device):
         reason = ("FASTRNN_BACKEND=torch" if os.environ.get("FASTRNN_BACKEND", "auto") == "torch"
                   else f"fastrnn's kernels do not run on {device.type} tensors here")
-        return [{"layer": i, "strategy": "torch.nn", "reason": reason} for i in range(layers)]
+        return [{"layer": i, "strategy": "torch.nn", "reason": reason,
+                 "recurrent_grad_clip": clip} for i in range(layers)]
     if isinstance(input, PackedSequence):
         B, T = int(input.batch_sizes[0]), len(input.batch_sizes)
     elif input.dim() == 2:
@@ -140,7 +149,8 @@ def explain(module, input, hx=None) -> list[dict]:
     P = module.proj_size or module.hidden_size
     problem = select.Problem(_modes.MODE_IDS[module.mode], B, module.hidden_size, P, D, dtype,
                              select.precision(dtype, device))
-    return explain_problem(problem, select.describe(device), T, layers)
+    return explain_problem(problem, select.describe(device), T, layers,
+                           recurrent_grad_clip=clip)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,6 +170,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-tf32", action="store_true",
                    help="fp32 as with cuDNN's TF32 switched off (default: torch's current "
                         "setting, TF32 on unless changed)")
+    p.add_argument("--recurrent-grad-clip", type=float, default=None, metavar="C",
+                   help="the layer's recurrent_grad_clip (changes the gradient on purpose)")
     p.add_argument("--json", action="store_true", help="a JSON list, one object per layer")
 
 
@@ -182,7 +194,8 @@ def main(args) -> int:
                              2 if args.bidirectional else 1, dtype, precision)
     spec = select.GPUS[args.gpu]
     try:
-        rows = explain_problem(problem, spec, args.seq_len, args.layers)
+        rows = explain_problem(problem, spec, args.seq_len, args.layers,
+                               recurrent_grad_clip=args.recurrent_grad_clip)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

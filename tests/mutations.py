@@ -125,6 +125,39 @@ MUTATIONS = (
         "    exit 0\n",
         ("tests/test_gpu_run.py::test_a_failed_stage_exits_nonzero_and_names_it_after_the_rest_ran",),
         "a failed GPU stage is visible to whatever runs the script"),
+    Mutation(
+        "reverse-direction-reset-one-step-late", "fastrnn/ops/_jit.py",
+        "    t_in = (step_time(s, i_d, T) + i_d).to(tl.int64)\n",
+        "    t_in = step_time(s, i_d, T).to(tl.int64)\n",
+        ("tests/test_beyond.py::test_resets_states_and_clip_match_the_reference"
+         "[lstm-persistent-True]",),
+        "the reverse direction is cut where the episode starts, not one step later"),
+    Mutation(
+        "reset-gradient-not-collected", "fastrnn/ops/persistent.py",
+        "            dh0_acc += tl.where(start, dh_c, 0.0)\n",
+        "",
+        ("tests/test_beyond.py::test_each_feature_alone[persistent-resets]",),
+        "the initial state's gradient collects from every step it entered"),
+    Mutation(
+        "cooperative-clip-misses-dc", "fastrnn/ops/cooperative.py",
+        "                    dc = tl.where(has_q, clamp_grad(dc, clip, CLIP), dc)\n",
+        "                    dc = dc\n",
+        ("tests/test_beyond.py::test_each_feature_alone[cooperative-clip]",),
+        "an LSTM's clip clamps dc as well as dh"),
+    Mutation(
+        "stepwise-drops-the-cell-states-gradient", "fastrnn/ops/stepwise.py",
+        "            dc += tl.load(dcell_ptr + p_row * H + o_h[None, :], mask=m_bh, other=0.0)"
+        ".to(ACC)\n",
+        "            dc += 0.0\n",
+        ("tests/test_beyond.py::test_resets_states_and_clip_match_the_reference"
+         "[lstm-stepwise-False]",),
+        "return_states' c_all is differentiable"),
+    Mutation(
+        "weight-gradient-ignores-resets", "fastrnn/ops/recurrence.py",
+        "                prev = rows(_previous_states(y, h0, resets).reshape(T, B, D * P),\n",
+        "                prev = rows(_previous_states(y, h0).reshape(T, B, D * P),\n",
+        ("tests/test_beyond.py::test_each_feature_alone[stepwise-resets]",),
+        "dW_hh multiplies the state each step started from: h0 at an episode start"),
 )
 
 BY_NAME = {m.name: m for m in MUTATIONS}

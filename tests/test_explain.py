@@ -79,6 +79,26 @@ def test_explain_says_when_torch_runs(monkeypatch):
     assert "FASTRNN_BACKEND=torch" in rows[0]["reason"]
 
 
+def test_explain_shows_the_recurrent_gradient_clip(monkeypatch):
+    """A layer with ``recurrent_grad_clip`` says, per layer, that its backward clamps the
+    gradient on purpose (and a layer without says nothing of it), on either backend."""
+    from fastrnn.explain import format_explanation
+
+    x = torch.randn(4, 2, 3, device=DEVICE)
+    rows = fastrnn.explain(fastrnn.LSTM(3, 4, num_layers=2, recurrent_grad_clip=0.5).to(DEVICE),
+                           x)
+    assert [r["recurrent_grad_clip"] for r in rows] == [0.5, 0.5]
+    text = format_explanation(rows)
+    assert text.count("recurrent_grad_clip=0.5: the backward kernel clamps") == 2
+    assert "changes the gradient on purpose" in text
+    plain = fastrnn.explain(fastrnn.LSTM(3, 4).to(DEVICE), x)
+    assert plain[0]["recurrent_grad_clip"] is None
+    assert "recurrent_grad_clip" not in format_explanation(plain)
+    monkeypatch.setenv("FASTRNN_BACKEND", "torch")
+    rows = fastrnn.explain(fastrnn.GRU(3, 4, recurrent_grad_clip=2.0).to(DEVICE), x)
+    assert rows[0]["strategy"] == "torch.nn" and rows[0]["recurrent_grad_clip"] == 2.0
+
+
 def _cli(*args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return subprocess.run([sys.executable, "-m", "fastrnn", "explain", *args], capture_output=True,
