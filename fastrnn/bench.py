@@ -15,6 +15,12 @@ Providers:
 * ``torch.nn-graph``: torch.nn captured in a CUDA graph and replayed (padded input only), so no
   launch overhead is counted against it.
 
+A configuration with a ``feature`` (beyond torch.nn: ``resets``, ``states``, ``clip``) has other
+providers: ``fastrnn`` runs the layer with the feature, ``fastrnn-plain`` the same layer without it
+(its overhead), and ``torch.nn`` what users write with torch.nn today (``WORKAROUNDS``): a Python
+loop over torch.nn's cell with the state multiplied by ``(1 - done)`` (resets) or a gradient hook
+clamping it (clip), or torch.nn's layer called one step at a time (states).
+
 Phases: ``fwd`` is inference (forward under ``torch.no_grad``); ``fwd+bwd`` is a training step
 (forward, then backward with fixed upstream gradients into the input, the states and every
 weight). Times are medians over repetitions after warm-up, with CUDA events; peak memory is the
@@ -64,6 +70,7 @@ class Config:
     proj: int = 0
     dtype: str = "float32"
     phases: tuple = PHASES
+    feature: str = ""   # beyond torch.nn: "resets", "states" or "clip" (unidirectional)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -80,10 +87,19 @@ class Config:
         if self.proj:
             parts.append(f"proj={self.proj}")
         parts.append(self.dtype.replace("float", "fp").replace("bfp16", "bf16"))
+        if self.feature:
+            parts.append(self.feature)
         return " ".join(parts)
 
 
 CELLS = ("LSTM", "GRU", "RNN_TANH")
+FEATURES = ("resets", "states", "clip")
+WORKAROUNDS = {
+    "resets": "torch.nn's cell in a Python loop, the state multiplied by (1 - done)",
+    "states": "torch.nn's layer called one step at a time",
+    "clip": "torch.nn's cell in a Python loop, a hook clamping the state's gradient",
+}
+CLIP = 1.0          # the recurrent_grad_clip of the "clip" configurations
 
 
 def _grid_fastrnns():
@@ -129,6 +145,9 @@ def _grid_variants():
         ]
     out += [Config("variants", "LSTM", proj=128, **base),
             Config("variants", "LSTM", proj=128, layers=2, bidirectional=True, **base)]
+    # Beyond torch.nn, against the users' workaround (issue 18's point: T=128, B=64, H=512).
+    out += [Config("variants", m, 128, 64, 512, 512, feature=f)
+            for f in FEATURES for m in ("LSTM", "GRU")]
     return out
 
 
@@ -137,7 +156,8 @@ def _grid_smoke():
     return [Config("smoke", "LSTM", 4, 2, 3, 5, layers=2, bidirectional=True),
             Config("smoke", "GRU", 4, 3, 3, 5, packed=True),
             Config("smoke", "RNN_TANH", 3, 2, 3, 4),
-            Config("smoke", "LSTM", 3, 2, 3, 5, proj=3, phases=("fwd",))]
+            Config("smoke", "LSTM", 3, 2, 3, 5, proj=3, phases=("fwd",)),
+            Config("smoke", "LSTM", 5, 3, 3, 4, layers=2, feature="resets")]
 
 
 GRIDS: dict[str, Callable[[], list[Config]]] = {
@@ -162,6 +182,7 @@ class Case:
     hx: object
     lengths: torch.Tensor | None
     grads: list | None = None
+    call: Callable | None = None   # (module, input, hx) -> outputs; None: module(input, hx)
 
     def inputs(self, requires_grad: bool):
         x = self.x.detach().requires_grad_(requires_grad)
@@ -174,6 +195,8 @@ class Case:
         return inp, hx
 
     def outputs(self, requires_grad: bool) -> list[torch.Tensor]:
+        if self.call is not None:
+            return list(self.call(self.module, *self.inputs(requires_grad)))
         out, hidden = self.module(*self.inputs(requires_grad))
         outs = [out.data if isinstance(out, PackedSequence) else out]
         return outs + (list(hidden) if isinstance(hidden, tuple) else [hidden])
@@ -201,6 +224,8 @@ def build_case(config: Config, provider: str, device: torch.device, seed: int = 
     kwargs = dict(num_layers=config.layers, bidirectional=config.bidirectional)
     if config.proj:
         kwargs["proj_size"] = config.proj
+    if config.feature == "clip" and provider == "fastrnn":
+        kwargs["recurrent_grad_clip"] = CLIP
     torch.manual_seed(seed)
     cls = getattr(library, CELL_CLASSES[config.mode])
     module = cls(config.I, config.H, **kwargs).to(device=device, dtype=config.torch_dtype)
@@ -217,10 +242,106 @@ def build_case(config: Config, provider: str, device: torch.device, seed: int = 
         lengths = torch.randint(max(1, config.T // 4), config.T + 1, (config.B,), generator=g)
         lengths[0] = config.T
     case = Case(module, x, hx, lengths)
+    if config.feature:
+        _with_feature(case, config, provider, g)
     with torch.no_grad():
         outs = case.outputs(False)
     case.grads = [torch.randn(o.shape, generator=g).to(device, o.dtype) for o in outs]
     return case
+
+
+def _with_feature(case: Case, config: Config, provider: str, g: torch.Generator) -> None:
+    """A ``feature`` configuration: the call each provider makes (see the module docstring)."""
+    if config.bidirectional or config.packed or config.proj:
+        raise ValueError("feature configurations are unidirectional, padded, without proj_size")
+    feature = config.feature
+    if feature == "resets":
+        # Episodes of about 32 steps; the initial state is zeros, as the workaround's mask gives.
+        done = torch.rand(config.T, config.B, generator=g) < 1 / 32
+        done[0] = False
+        done = done.to(case.x.device)
+        case.hx = tuple(torch.zeros_like(h) for h in case.hx) if isinstance(case.hx, tuple) \
+            else torch.zeros_like(case.hx)
+    else:
+        done = None
+    if provider == "fastrnn-plain":
+        return
+    if provider == "fastrnn":
+        if feature == "resets":
+            case.call = lambda m, x, hx: _flat(m(x, hx, resets=done))
+        elif feature == "states":
+            case.call = lambda m, x, hx: _flat(m(x, hx, return_states=True))
+        return
+    case.call = _stepped if feature == "states" else _CellLoop(case.module, done, feature)
+
+
+def _flat(result) -> list:
+    out = []
+    for r in result:
+        out += list(r) if isinstance(r, tuple) else [r]
+    return out
+
+
+class _CellLoop:
+    """The users' workaround: torch.nn's cell per layer in a Python loop over the steps (the
+    state multiplied by ``(1 - done)`` for resets; a gradient hook clamping it for clip)."""
+
+    def __init__(self, layer: torch.nn.Module, done, feature: str):
+        cls = {"LSTM": torch.nn.LSTMCell, "GRU": torch.nn.GRUCell}.get(layer.mode,
+                                                                      torch.nn.RNNCell)
+        self.cells = []
+        for k in range(layer.num_layers):
+            cell = cls(layer.input_size if k == 0 else layer.hidden_size, layer.hidden_size,
+                       device=layer.weight_hh_l0.device, dtype=layer.weight_hh_l0.dtype)
+            with torch.no_grad():
+                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                    getattr(cell, name).copy_(getattr(layer, f"{name}_l{k}"))
+            self.cells.append(cell)
+        self.layer, self.done, self.feature = layer, done, feature
+        self.is_lstm = layer.mode == "LSTM"
+
+    def _clip(self, t):
+        """``t`` as the next step's input, its gradient clamped there (a node of its own, so
+        the output's gradient is not clamped: ``fastrnn.reference``'s clip)."""
+        if self.feature == "clip" and t.requires_grad:
+            t = t.clone()
+            t.register_hook(lambda grad: grad.clamp(-CLIP, CLIP))
+        return t
+
+    def __call__(self, _module, x, hx):
+        h0, c0 = hx if self.is_lstm else (hx, None)
+        h_n, c_n = [], []
+        for k, cell in enumerate(self.cells):
+            h = h0[k]
+            c = c0[k] if self.is_lstm else None
+            ys = []
+            for t in range(x.shape[0]):
+                if self.done is not None:
+                    keep = (~self.done[t]).to(h.dtype)[:, None]
+                    h = h * keep
+                    c = c * keep if c is not None else None
+                h = self._clip(h)
+                if self.is_lstm:
+                    h, c = cell(x[t], (h, self._clip(c)))
+                else:
+                    h = cell(x[t], h)
+                ys.append(h)
+            x = torch.stack(ys)
+            h_n.append(h)
+            c_n.append(c)
+        return [x, torch.stack(h_n)] + ([torch.stack(c_n)] if self.is_lstm else [])
+
+
+def _stepped(module, x, hx):
+    """The users' way to every state with torch.nn: the layer called one step at a time."""
+    hs, cs = [], []
+    for t in range(x.shape[0]):
+        _, hx = module(x[t:t + 1], hx)
+        hs.append(hx[0] if isinstance(hx, tuple) else hx)
+        if isinstance(hx, tuple):
+            cs.append(hx[1])
+    out = [torch.stack([h[-1] for h in hs])] + (list(hx) if isinstance(hx, tuple) else [hx])
+    return out + [torch.stack(hs)] + ([torch.stack(cs)] if cs else [])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,6 +425,8 @@ def _tf32_state(provider: str, config: Config, device: torch.device) -> bool:
 
 
 def providers_for(config: Config, device: torch.device) -> list[str]:
+    if config.feature:
+        return ["fastrnn", "fastrnn-plain", "torch.nn"]
     out = ["fastrnn", "torch.nn"]
     if device.type == "cuda":
         if config.dtype == "float32":
@@ -335,7 +458,7 @@ def measure(config: Config, device: torch.device, budget_s: float = 0.25) -> lis
                                        error=_first_line(e)))
             continue
         for phase in config.phases:
-            if interpreted and provider == "fastrnn":
+            if interpreted and provider.startswith("fastrnn"):
                 # The interpreter's times say nothing about fastrnn's speed: not reported.
                 records.append(_record(config, provider, phase, None, None, device,
                                        note="interpreter: no timing"))
@@ -380,7 +503,8 @@ def _record(config, provider, phase, ms, mem, device, note="", error=""):
         "tf32": _tf32_state(provider, config, device), "T": config.T, "B": config.B,
         "I": config.I, "H": config.H, "layers": config.layers,
         "bidirectional": config.bidirectional, "packed": config.packed,
-        "proj_size": config.proj, "phase": phase, "provider": provider,
+        "proj_size": config.proj, "feature": config.feature, "phase": phase,
+        "provider": provider,
         "median_ms": ms, "us_per_step": None if ms is None else ms * 1e3 / config.T,
         "peak_mem_mb": mem, "note": note, "error": error or None,
     }
@@ -422,8 +546,9 @@ def summarize(records: list[dict]) -> list[dict]:
     """One row per (configuration, phase): fastrnn against each torch.nn provider."""
     rows = {}
     for r in records:
-        key = tuple(r[k] for k in ("grid", "mode", "dtype", "T", "B", "I", "H", "layers",
-                                   "bidirectional", "packed", "proj_size", "phase"))
+        key = tuple(r.get(k) for k in ("grid", "mode", "dtype", "T", "B", "I", "H", "layers",
+                                       "bidirectional", "packed", "proj_size", "feature",
+                                       "phase"))
         row = rows.setdefault(key, {k: r[k] for k in r if k not in (
             "provider", "median_ms", "us_per_step", "peak_mem_mb", "tf32", "note", "error")})
         row[f"{r['provider']}_ms"] = r["median_ms"]
@@ -441,6 +566,8 @@ def summarize(records: list[dict]) -> list[dict]:
         best = [v for k, v in row.items() if k.startswith("torch.nn") and k.endswith("_ms") and v]
         row["speedup_vs_best_torch"] = min(best) / fast if fast and best else None
         row["us_per_step"] = fast * 1e3 / row["T"] if fast else None
+        plain = row.get("fastrnn-plain_ms")
+        row["overhead"] = fast / plain if fast and plain else None  # a feature's cost
         out.append(row)
     return out
 
@@ -468,6 +595,8 @@ LEGEND = [
     ("mem f/t", "peak memory growth in MB, fastrnn / torch.nn"),
     ("max|diff|", "largest difference between fastrnn's and torch.nn's forward outputs"),
     ("-", "not measured (not applicable, skipped, or failed: see the line below the row)"),
+    ("feature rows", "beyond torch.nn (resets, states, clip): torch.nn is the users' "
+                     "workaround with torch.nn, named below the row; not in the geometric mean"),
 ]
 
 
@@ -504,6 +633,11 @@ def print_table(rows: list[dict], echo=print, interpreted: bool = False,
                        f"{_fmt(r.get('torch.nn_mem_mb'), '.0f')}")
                 line += f" {mem:>11}"
             echo(line + f" {_fmt(r.get('max_abs_diff'), '9.2e')}")
+            if r.get("feature"):
+                echo(f"    {r['feature']}: torch.nn here is {WORKAROUNDS[r['feature']]}; "
+                     f"overhead over the same layer without it: "
+                     f"{_fmt(r.get('overhead'), '.3f')}x "
+                     f"(fastrnn-plain {_fmt(r.get('fastrnn-plain_ms'), '.3f')} ms)")
             if r["status"] != "ok" and not r["status"].startswith("interpreter"):
                 echo(f"    {r['status']}")
     echo("\nColumns:")
@@ -516,7 +650,7 @@ def print_table(rows: list[dict], echo=print, interpreted: bool = False,
         echo(f"  {name:<18} {meaning}")
     if interpreted:
         return
-    speedups = [r["speedup"] for r in rows if r["speedup"]]
+    speedups = [r["speedup"] for r in rows if r["speedup"] and not r.get("feature")]
     g = geomean(speedups)
     failed = sum(1 for r in rows if r["status"].startswith("error"))
     skipped = sum(1 for r in rows if r["status"].startswith("skipped"))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fastrnn import bench
 
@@ -83,7 +84,7 @@ def test_report_on_the_cpu_reads_cleanly(tmp_path):
                                     echo=lines.append, progress=lambda line: None)
     text = "\n".join(lines)
     assert all(r["median_ms"] is None and r["note"] == "interpreter: no timing"
-               for r in records if r["provider"] == "fastrnn")
+               for r in records if r["provider"].startswith("fastrnn"))
     assert all(r["median_ms"] > 0 for r in records if r["provider"] == "torch.nn")
     assert "0.00x" not in text and "interp." in text and "TF32" not in text
     for column in ("fastrnn, torch.nn", "speedup", "us/step", "max|diff|"):
@@ -105,7 +106,7 @@ def test_main_job_command_runs(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "configurations match torch.nn" in proc.stdout and "MISMATCH" not in proc.stdout
     assert "Columns:" in proc.stdout and "0.00x" not in proc.stdout
-    assert "[4/4] smoke:" in proc.stderr and "ETA" in proc.stderr
+    assert "[5/5] smoke:" in proc.stderr and "ETA" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert any(name.endswith(".json") for name in os.listdir(tmp_path))
 
@@ -120,3 +121,41 @@ def test_help_is_clean(args):
     if args == ["--help"]:
         for command in ("parity", "bench", "explain"):
             assert f"\n  {command}" in proc.stdout
+
+
+@pytest.mark.parametrize("feature", bench.FEATURES)
+def test_feature_rows_compare_with_the_users_workaround(feature):
+    """A ``variants`` feature row runs the layer with the feature, the same layer without it,
+    and the users' torch.nn workaround (which launches no fastrnn kernel), and the workaround
+    computes what the feature does (forward outputs, every state where asked)."""
+    import dataclasses
+
+    from tests.parity import DEVICE, launches
+
+    variants = [c for c in bench.GRIDS["variants"]() if c.feature == feature]
+    assert {c.mode for c in variants} == {"LSTM", "GRU"}
+    assert all((c.T, c.B, c.H) == (128, 64, 512) for c in variants)
+    config = dataclasses.replace(variants[0], grid="test", T=6, B=3, I=3, H=4, layers=2)
+    device = torch.device(DEVICE)
+    for provider in ("fastrnn", "fastrnn-plain", "torch.nn"):
+        assert provider in bench.providers_for(config, device)
+    case = bench.build_case(config, "torch.nn", device)
+    if feature == "resets":  # episodes short enough that this small case has some
+        case.call.done = torch.rand(6, 3, generator=torch.Generator().manual_seed(0)) < 0.3
+        case.call.done = case.call.done.to(device)
+    before = launches()
+    want = case.forward()
+    assert launches() == before
+    fast = bench.build_case(config, "fastrnn", device)
+    if feature == "resets":
+        fast.call = lambda m, x, hx: bench._flat(m(x, hx, resets=case.call.done))
+    got = fast.forward()
+    assert len(got) == len(want) == (5 if feature == "states" else 3)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    if feature == "clip":  # the workaround's hooks clamp as the kernel does
+        outs = [fast.forward_for_backward(), case.forward_for_backward()]
+        grads = [torch.autograd.grad(o, [c.module.weight_hh_l0] if c is fast else
+                                     [c.call.cells[0].weight_hh], c.grads)[0]
+                 for o, c in zip(outs, (fast, case))]
+        torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-5)
