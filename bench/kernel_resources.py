@@ -75,13 +75,13 @@ def _step(row: dict, key: str) -> str:
 
 
 def check(spec: select.DeviceSpec, quick: bool = False, cells=None, precisions=None,
-          echo=print) -> tuple[list, list]:
+          echo=print, beyond: bool = False) -> tuple[list, list]:
     compiler = resources.Compiler(spec)
     chosen = {}
     start = time.perf_counter()
     for label, problem in problems(quick, cells, precisions):
         compiler.label = label
-        entries = resources.compile_problem(problem, spec, compiler)
+        entries = resources.compile_problem(problem, spec, compiler, beyond=beyond)
         the_plan = dispatch.plan(problem, spec)
         chosen[the_plan.strategy] = chosen.get(the_plan.strategy, 0) + 1
         step = costs.per_step(problem, the_plan)
@@ -117,10 +117,13 @@ def main(argv=None) -> int:
                     help="a GPU to check (repeatable; default H100, A100 and L4)")
     ap.add_argument("--quick", action="store_true", help="a smaller grid of sizes")
     ap.add_argument("--json", default=None, help="write every variant's figures here")
+    ap.add_argument("--beyond", action="store_true",
+                    help="the variants with resets, the cell states' gradient (return_states) "
+                         "and recurrent gradient clipping, instead of packed input")
     a = ap.parse_args(argv)
     out, ok = {}, True
     for name in a.gpu or ("H100", "A100", "L4"):
-        rows, failed = check(select.GPUS[name], a.quick)
+        rows, failed = check(select.GPUS[name], a.quick, beyond=a.beyond)
         out[name] = rows
         ok &= not failed
     if a.json:

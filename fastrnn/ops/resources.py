@@ -29,7 +29,7 @@ from ..backend import interpreting
 from . import dispatch, select
 
 _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-          torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64"}
+          torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8"}
 _OPTIONS = ("num_warps", "num_stages", "maxnreg", "launch_cooperative_grid")
 _LOCK = threading.Lock()
 
@@ -131,10 +131,12 @@ class Compiler:
 
 
 def compile_problem(problem: select.Problem, spec: select.DeviceSpec, compiler: Compiler,
-                    strategy: str | None = None, T: int = 2) -> list[dict]:
+                    strategy: str | None = None, T: int = 2, beyond: bool = False) -> list[dict]:
     """Compile the kernels a recurrence runs (forward with activations saved, then backward) on
     ``spec``; returns their entries in launch order. The heaviest variant: packed input (lengths)
-    and biases; inference and padded runs use the same kernels minus code paths."""
+    and biases; inference and padded runs use the same kernels minus code paths. ``beyond``:
+    the variant with every option beyond torch.nn instead of lengths (resets, the cell states'
+    gradient, recurrent gradient clipping)."""
     if not available():
         raise RuntimeError("compiled figures need Triton's CUDA tools and no TRITON_INTERPRET")
     from . import recurrence as rec
@@ -152,14 +154,17 @@ def compile_problem(problem: select.Problem, spec: select.DeviceSpec, compiler: 
     w_hh = torch.zeros(D, G * H, P, **z)
     b_hn = torch.zeros(D, H, **z) if mode == _modes.GRU else None
     w_hr = torch.zeros(D, P, H, **z) if problem.has_proj else None
-    lengths = torch.full((B,), T, dtype=torch.int64)
+    lengths = None if beyond else torch.full((B,), T, dtype=torch.int64)
+    resets = torch.zeros(T, B, dtype=torch.bool) if beyond else None
+    clip = 1.0 if beyond else 0.0
     compiler.used = []
     with _LOCK, select.targeting(spec, problem.precision), select.launching_with(compiler):
         chosen = dispatch.plan(problem, spec, strategy).strategy
         y, hn, cn, gates, cell = rec.recurrence(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths,
-                                                mode, False, True, chosen)
+                                                mode, False, True, chosen, resets, clip)
+        dcell = torch.zeros_like(cell) if beyond and c0 is not None else None
         rec.recurrence_backward(torch.zeros_like(y), torch.zeros_like(hn),
                                 torch.zeros_like(cn) if c0 is not None else None, x, w_ih, y, h0,
                                 c0, gates, cell, w_hh, w_hr, lengths, mode, False, True,
-                                b_hn is not None, 0, chosen)
+                                b_hn is not None, 0, chosen, resets, clip, dcell)
     return [compiler.results[k] for k in compiler.used]
