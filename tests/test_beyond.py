@@ -429,3 +429,18 @@ def test_torch_backend_refuses_the_features(monkeypatch):
             m(x, **kwargs)
     with pytest.raises(RuntimeError, match="run in fastrnn's kernels"):
         fastrnn.GRU(3, 4, recurrent_grad_clip=1.0).to(DEVICE)(x)
+
+
+def test_to_torch_refuses_what_torch_nn_cannot_express():
+    """``to_torch`` would silently drop the clip: it refuses, naming the layer, and swaps
+    nothing; with the clip unset the layer converts, and ``convert`` keeps working."""
+    model = nn.Sequential(fastrnn.GRU(3, 4), fastrnn.LSTMCell(4, 4, recurrent_grad_clip=0.5))
+    with pytest.raises(ValueError, match=r"LSTMCell \(1\) has recurrent_grad_clip=0.5, which "
+                                         "torch.nn cannot express"):
+        fastrnn.to_torch(model)
+    assert type(model[0]) is fastrnn.GRU and type(model[1]) is fastrnn.LSTMCell
+    model[1].recurrent_grad_clip = None
+    fastrnn.to_torch(model)
+    assert type(model[0]) is nn.GRU and type(model[1]) is nn.LSTMCell
+    fastrnn.convert(model)
+    assert type(model[1]) is fastrnn.LSTMCell and model[1].recurrent_grad_clip is None
