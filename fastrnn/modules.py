@@ -97,13 +97,14 @@ def _check_packed(data: torch.Tensor, batch_sizes: torch.Tensor) -> None:
         offset += size
 
 
-class _RNNBase(nn.RNNBase):
-    """What fastrnn's RNN, LSTM and GRU share: the forward pass, and the options beyond
-    torch.nn."""
+class _ClipOption:
+    """The constructor argument ``recurrent_grad_clip`` (layers and cells): checked, kept as an
+    attribute (not in the state_dict), shown in the repr. A module converted from torch.nn has
+    no such attribute: readers use ``getattr(m, "recurrent_grad_clip", None)``."""
 
-    def __init__(self, mode, *args, recurrent_grad_clip=None, **kwargs):
+    def __init__(self, *args, recurrent_grad_clip=None, **kwargs):
         clip = _check_clip(recurrent_grad_clip)
-        super().__init__(mode, *args, **kwargs)
+        super().__init__(*args, **kwargs)
         self.recurrent_grad_clip = clip
 
     def extra_repr(self) -> str:
@@ -111,6 +112,11 @@ class _RNNBase(nn.RNNBase):
         if getattr(self, "recurrent_grad_clip", None) is not None:
             s += f", recurrent_grad_clip={self.recurrent_grad_clip}"
         return s
+
+
+class _RNNBase(_ClipOption, nn.RNNBase):
+    """What fastrnn's RNN, LSTM and GRU share: the forward pass, and the options beyond
+    torch.nn."""
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -350,22 +356,11 @@ class GRU(_RNNBase):
         super().__init__("GRU", *args, **kwargs)
 
 
-class _CellBase:
+class _CellBase(_ClipOption):
     """What fastrnn's cells share: the forward pass, with torch.nn's checks and messages (the
     shape checks ATen's cells make, ``check_rnn_cell_forward_*``, included)."""
 
     _torch_cell: type
-
-    def __init__(self, *args, recurrent_grad_clip=None, **kwargs):
-        clip = _check_clip(recurrent_grad_clip)
-        super().__init__(*args, **kwargs)
-        self.recurrent_grad_clip = clip
-
-    def extra_repr(self) -> str:
-        s = super().extra_repr()
-        if getattr(self, "recurrent_grad_clip", None) is not None:
-            s += f", recurrent_grad_clip={self.recurrent_grad_clip}"
-        return s
 
     def forward(self, input, hx=None):
         kernels = use_kernels(input.device)
