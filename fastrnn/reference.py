@@ -42,7 +42,10 @@ from ._modes import GRU, LSTM, RNN_RELU, RNN_TANH
 
 class ClipGrad(torch.autograd.Function):
     """Identity forward; the backward clamps the incoming gradient to [-clip, clip] (NaN stays
-    NaN, as torch.clamp). Differentiable twice, and vmap-able."""
+    NaN, as torch.clamp). vmap-able. First-order only: autograd would also clamp the
+    second-order adjoints that flow along the forward's identity edge, so derivatives of the
+    clipped gradients differentiated through it are not the clipped backward's (the layers
+    refuse double backward with a clip)."""
 
     generate_vmap_rule = True
 

@@ -446,3 +446,36 @@ def test_to_torch_refuses_what_torch_nn_cannot_express():
     assert type(model[0]) is nn.GRU and type(model[1]) is nn.LSTMCell
     fastrnn.convert(model)
     assert type(model[1]) is fastrnn.LSTMCell and model[1].recurrent_grad_clip is None
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_double_backward_with_the_features(cell):
+    """Gradients of gradients (a gradient penalty) through resets and every state: the
+    reference's, where the first-order gradients ran on the kernels. With the clip they are
+    refused: autograd cannot differentiate a clipped backward again (it would clamp the
+    second-order adjoints on the forward's edges too; finite differences disagree with it)."""
+    m = _module(cell, True, False, num_layers=1, H=3)
+    resets = _resets(4, 2)
+    leaves = _leaves(m, 4, 2)
+    ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    ref_params = {n: p.detach().clone().requires_grad_() for n, p in m.named_parameters()}
+
+    def penalty(outs, xs):
+        loss = sum((o * (k + 1)).sin().sum() for k, o in enumerate(outs))
+        grads = torch.autograd.grad(loss, xs, create_graph=True)
+        return sum(g.pow(2).sum() for g in grads)
+
+    params = list(m.parameters())
+    got = penalty(_fastrnn(m, leaves, resets), leaves + params)
+    want = penalty(_reference(_Params(m, ref_params), ref_leaves, resets, None),
+                   ref_leaves + list(ref_params.values()))
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    g_got = torch.autograd.grad(got, leaves + params)
+    g_want = torch.autograd.grad(want, ref_leaves + list(ref_params.values()))
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    m.recurrent_grad_clip = 0.05
+    clipped = penalty(_fastrnn(m, leaves, resets), leaves + params)
+    with pytest.raises(RuntimeError, match="double backward, create_graph=True.*through a "
+                                           "layer with recurrent_grad_clip are not supported"):
+        torch.autograd.grad(clipped, leaves[0])

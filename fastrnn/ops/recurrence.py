@@ -557,6 +557,15 @@ class RecurrenceBackward(torch.autograd.Function):
     def backward(ctx, *grad_grads):
         from ..reference import recurrence_reference
 
+        if ctx.clip:
+            # The clip is part of the backward program, not of the forward's maths: autograd of
+            # a gradient-clamping node would clamp the second-order adjoints that flow along the
+            # forward's edges too, giving a wrong answer. Refuse rather than compute it.
+            raise RuntimeError(
+                "fastrnn: derivatives of gradients (double backward, create_graph=True) through "
+                "a layer with recurrent_grad_clip are not supported: the clipped gradient is not "
+                "the derivative of anything autograd can differentiate again. Set "
+                "recurrent_grad_clip=None for gradient penalties or Hessian products.")
         saved = ctx.saved_tensors
         # dy, dhn, dcn, the op's 8 inputs, dcell: what the first-order gradients depend on.
         wrt, (lengths, resets) = list(saved[:12]), saved[12:]
