@@ -479,3 +479,23 @@ def test_double_backward_with_the_features(cell):
     with pytest.raises(RuntimeError, match="double backward, create_graph=True.*through a "
                                            "layer with recurrent_grad_clip are not supported"):
         torch.autograd.grad(clipped, leaves[0])
+
+
+def test_forward_mode_with_resets_and_states():
+    """torch.func.jvp (forward-mode AD) through a layer with resets and every state: the
+    reference's tangents, states included."""
+    m = _module("lstm", True, False, num_layers=2, H=3)
+    resets = _resets(4, 2)
+    leaves = [t.detach() for t in _leaves(m, 4, 2)]
+    tangents = [torch.randn_like(t) for t in leaves]
+
+    def fast(*xs):
+        return tuple(_fastrnn(m, list(xs), resets))
+
+    def ref(*xs):
+        return tuple(_reference(m, list(xs), resets, None))
+
+    _, got = torch.func.jvp(fast, tuple(leaves), tuple(tangents))
+    _, want = torch.func.jvp(ref, tuple(leaves), tuple(tangents))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-11)
