@@ -87,7 +87,7 @@ def rnn(mode: int, input: Tensor, hx: Tensor, cx: Tensor | None, weights: list[T
         hidden_size: int, num_layers: int, bias: bool, batch_first: bool, dropout: float,
         training: bool, bidirectional: bool, proj_size: int = 0,
         lengths: Tensor | None = None, resets: Tensor | None = None, clip: float = 0.0,
-        states: bool = False):
+        states: bool = False, masks: list | None = None):
     """Run a multi-layer RNN/LSTM/GRU on a padded 3-D input.
 
     ``input`` is ``[B, T, I]`` if ``batch_first`` else ``[T, B, I]``; ``hx`` is
@@ -98,7 +98,8 @@ def rnn(mode: int, input: Tensor, hx: Tensor, cx: Tensor | None, weights: list[T
     Beyond torch.nn: ``resets`` (bool, ``[B, T]`` if ``batch_first`` else ``[T, B]``) starts an
     episode where true, in every layer; ``clip`` > 0 clamps the recurrent gradient; ``states``
     adds every step's states, time-major: ``(output, h_n, c_n, h_all [T, L*D, B, P],
-    c_all [T, L*D, B, H] | None)``. See ``fastrnn.reference``.
+    c_all [T, L*D, B, H] | None)``; ``masks`` per layer ``(wmask, rmask)`` (weight and recurrent
+    dropout, ``fastrnn.reference.dropout_masks``) or None. See ``fastrnn.reference``.
     """
     num_directions = 2 if bidirectional else 1
     dtype = _compute_dtype(input)
@@ -115,6 +116,9 @@ def rnn(mode: int, input: Tensor, hx: Tensor, cx: Tensor | None, weights: list[T
         w_ih = _cat([p.w_ih for p in params]).to(dtype)
         b_x = _cat([_input_bias(mode, p, hidden_size) for p in params]).to(dtype) if bias else None
         w_hh = _stack([p.w_hh for p in params]).to(dtype)
+        wmask, rmask = masks[layer] if masks is not None else (None, None)
+        if wmask is not None:  # DropConnect: this call's mask on W_hh, the same for every step
+            w_hh = w_hh * wmask.to(dtype)
         b_hn = None
         if bias and mode == _modes.GRU:
             b_hn = _stack([p.b_hh[2 * hidden_size:] for p in params]).to(dtype)
@@ -125,7 +129,7 @@ def rnn(mode: int, input: Tensor, hx: Tensor, cx: Tensor | None, weights: list[T
         strategy = _strategy(mode, h0, w_hh)
         y, hn, cn, _, cell = recurrence(x.transpose(0, 1) if batch_first else x, w_ih, b_x, h0,
                                         c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save,
-                                        strategy, resets, clip)
+                                        strategy, resets, clip, rmask)
         if states:
             h_all.append(y.unflatten(-1, (num_directions, -1)).transpose(1, 2))
             if is_lstm:

@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import _modes, functional
 from .backend import announce, get_backend, use_kernels
-from .reference import clip_grad
+from .reference import clip_grad, dropout_masks
 
 _TORCH_FORWARD = {
     "RNN_TANH": nn.RNN.forward,
@@ -114,13 +114,44 @@ class _ClipOption:
         return s
 
 
+def _check_probability(name: str, p) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+        raise ValueError(f"{name} probability has to be between 0 and 1, but got {p!r}")
+    return float(p)
+
+
 class _RNNBase(_ClipOption, nn.RNNBase):
     """What fastrnn's RNN, LSTM and GRU share: the forward pass, and the options beyond
     torch.nn."""
 
+    def __init__(self, mode, *args, weight_dropout=0.0, recurrent_dropout=0.0, **kwargs):
+        weight_dropout = _check_probability("weight_dropout", weight_dropout)
+        recurrent_dropout = _check_probability("recurrent_dropout", recurrent_dropout)
+        super().__init__(mode, *args, **kwargs)
+        self.weight_dropout = weight_dropout
+        self.recurrent_dropout = recurrent_dropout
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        for name in ("weight_dropout", "recurrent_dropout"):
+            if getattr(self, name, 0.0):
+                s += f", {name}={getattr(self, name)}"
+        return s
+
+    def _dropout_masks(self, B: int, like: torch.Tensor):
+        """This call's weight and recurrent dropout masks (training mode), or None."""
+        pw, pr = getattr(self, "weight_dropout", 0.0), getattr(self, "recurrent_dropout", 0.0)
+        if not self.training or not (pw or pr):
+            return None
+        D = 2 if self.bidirectional else 1
+        return dropout_masks(pw, pr, self.num_layers, D, _modes.NUM_GATES[_modes.MODE_IDS[
+            self.mode]], self.hidden_size, self.proj_size or self.hidden_size, B, like)
+
     def __setstate__(self, state):
         super().__setstate__(state)
-        self.__dict__.setdefault("recurrent_grad_clip", None)
+        for name, default in (("recurrent_grad_clip", None), ("weight_dropout", 0.0),
+                              ("recurrent_dropout", 0.0)):
+            self.__dict__.setdefault(name, default)
 
     def flatten_parameters(self) -> None:
         """A no-op for the Triton kernels, which read the weights where they are. Under
@@ -164,14 +195,16 @@ class _RNNBase(_ClipOption, nn.RNNBase):
         kernels = use_kernels(data.device)
         announce(type(self).__name__, data.device, kernels)
         clip = getattr(self, "recurrent_grad_clip", None)
+        dropping = self.training and (getattr(self, "weight_dropout", 0.0)
+                                      or getattr(self, "recurrent_dropout", 0.0))
         if not kernels:
-            if resets is not None or return_states or clip is not None:
+            if resets is not None or return_states or clip is not None or dropping:
                 raise RuntimeError(
-                    f"fastrnn: resets, return_states and recurrent_grad_clip run in fastrnn's "
-                    f"kernels, which do not run here (backend {get_backend()!r} for "
-                    f"{data.device.type} tensors; torch.nn has no such options). Use CUDA "
-                    "tensors, or set TRITON_INTERPRET=1 before importing fastrnn to run the "
-                    "kernels on the CPU.")
+                    f"fastrnn: resets, return_states, recurrent_grad_clip, weight_dropout and "
+                    f"recurrent_dropout run in fastrnn's kernels, which do not run here (backend "
+                    f"{get_backend()!r} for {data.device.type} tensors; torch.nn has no such "
+                    "options). Use CUDA tensors, or set TRITON_INTERPRET=1 before importing "
+                    "fastrnn to run the kernels on the CPU.")
             return _TORCH_FORWARD[self.mode](self, input, hx)
         self._update_flat_weights()
         is_lstm = self.mode == "LSTM"
@@ -257,7 +290,7 @@ class _RNNBase(_ClipOption, nn.RNNBase):
             num_layers=self.num_layers, bias=self.bias, batch_first=batch_first,
             dropout=self.dropout, training=self.training, bidirectional=self.bidirectional,
             proj_size=self.proj_size, lengths=lengths, resets=resets, clip=clip or 0.0,
-            states=return_states)
+            states=return_states, masks=self._dropout_masks(h0.shape[1], weights[1]))
         output, h_n, c_n = out[:3]
         hidden = (h_n, c_n) if is_lstm else h_n
         states = self._states(out[3], out[4], lengths, unsorted_indices,

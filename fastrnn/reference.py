@@ -30,6 +30,12 @@ Beyond torch.nn (opt-in; the defaults are torch.nn's maths):
   unchanged.
 * ``states=True``: also return the cell state after every step (LSTM), ``[T, B, D, H]``; ``y``
   already holds every step's h.
+* ``rmask`` [D, B, P] (``recurrent_dropout``, variational dropout, Gal & Ghahramani): the state
+  entering the recurrent product is ``rmask * h``, the same mask at every step of a sequence
+  (entries 0 or 1 / (1 - p): inverted dropout); GRU's update ``z * h`` and the outputs take h
+  itself.
+* ``weight_dropout`` (DropConnect on W_hh, AWD-LSTM's WeightDrop) is no recurrence of its own:
+  the layer runs with ``W_hh * wmask`` (``dropout_masks``), one mask per call.
 """
 
 from __future__ import annotations
@@ -77,9 +83,11 @@ def entering_resets(resets: Tensor, direction: int) -> Tensor:
 
 
 def cell_step(mode: int, xg: Tensor, h: Tensor, c: Tensor | None, w_hh: Tensor,
-              b_hn: Tensor | None, w_hr: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """One step of one direction: ``xg`` [B, G*H], ``h`` [B, P], ``c`` [B, H] -> (h', c')."""
-    hg = h @ w_hh.t()
+              b_hn: Tensor | None, w_hr: Tensor | None,
+              rmask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """One step of one direction: ``xg`` [B, G*H], ``h`` [B, P], ``c`` [B, H] -> (h', c');
+    ``rmask`` [B, P] multiplies h where it enters the recurrent product."""
+    hg = (h if rmask is None else h * rmask) @ w_hh.t()
     if mode == RNN_TANH:
         return torch.tanh(xg + hg), None
     if mode == RNN_RELU:
@@ -106,7 +114,8 @@ def cell_step(mode: int, xg: Tensor, h: Tensor, c: Tensor | None, w_hh: Tensor,
 def recurrence_reference(mode: int, xg: Tensor, h0: Tensor, c0: Tensor | None, w_hh: Tensor,
                          b_hn: Tensor | None = None, w_hr: Tensor | None = None,
                          lengths: Tensor | None = None, resets: Tensor | None = None,
-                         clip: float | None = None, states: bool = False):
+                         clip: float | None = None, states: bool = False,
+                         rmask: Tensor | None = None):
     """Reference for the recurrence op. Returns ``(y [T, B, D*P], h_n [D, B, P], c_n [D, B, H] |
     None)``, and with ``states`` also every step's cell state ``[T, B, D, H] | None``."""
     T, B, _ = xg.shape
@@ -128,7 +137,8 @@ def recurrence_reference(mode: int, xg: Tensor, h0: Tensor, c0: Tensor | None, w
             h, c = clip_grad(h, clip), (clip_grad(c, clip) if c is not None else None)
             h_new, c_new = cell_step(mode, xg[t, :, d * GH:(d + 1) * GH], h,
                                      c, w_hh[d], None if b_hn is None else b_hn[d],
-                                     None if w_hr is None else w_hr[d])
+                                     None if w_hr is None else w_hr[d],
+                                     None if rmask is None else rmask[d])
             if lengths is not None:
                 active = (t < lengths.to(h.device))[:, None]
                 h_new = torch.where(active, h_new, h)
@@ -151,7 +161,7 @@ def recurrence_reference(mode: int, xg: Tensor, h0: Tensor, c0: Tensor | None, w
 
 def rnn_reference(mode: int, x: Tensor, params: dict, num_layers: int, bidirectional: bool,
                   hx=None, lengths: Tensor | None = None, resets: Tensor | None = None,
-                  clip: float | None = None, states: bool = False):
+                  clip: float | None = None, states: bool = False, masks=None):
     """A torch.nn RNN/LSTM/GRU stack in plain PyTorch (no dropout): what the layers compute.
 
     ``x`` is ``[T, B, I]`` (time-major), ``params`` the module's parameters by torch.nn's names
@@ -162,7 +172,8 @@ def rnn_reference(mode: int, x: Tensor, params: dict, num_layers: int, bidirecti
     output leaves out. ``resets`` [T, B] and ``clip`` apply to every layer (see the module
     docstring); with ``states`` the result also holds every step's states of every layer,
     ``h_all [T, L*D, B, P]`` and ``c_all [T, L*D, B, H] | None`` (what ``return_states=True``
-    returns, time-major).
+    returns, time-major). ``masks``: per layer ``(wmask [D, G*H, P] | None, rmask [D, B, P] |
+    None)`` (``dropout_masks``; weight and recurrent dropout), or None.
 
     Each layer feeds the next; direction d's input projection is ``x W_ih^T + b_ih`` plus the
     parts of ``b_hh`` that sit outside the reset gate (all of it but ``b_hn`` for a GRU).
@@ -200,10 +211,15 @@ def rnn_reference(mode: int, x: Tensor, params: dict, num_layers: int, bidirecti
                 w_hr.append(params[f"weight_hr_{sfx}"])
         assert all(t.shape[-1] == G * H for t in xgs)
         rows = slice(layer * D, (layer + 1) * D)
+        wmask, rmask = masks[layer] if masks is not None else (None, None)
+        w_hh = torch.stack(w_hh)
+        if wmask is not None:
+            w_hh = w_hh * wmask
         y, hn, cn, cells = recurrence_reference(
             mode, torch.cat(xgs, dim=-1), h0[rows], None if c0 is None else c0[rows],
-            torch.stack(w_hh), torch.stack(b_hn) if b_hn else None,
-            torch.stack(w_hr) if w_hr else None, lengths, resets, clip, states=True)
+            w_hh, torch.stack(b_hn) if b_hn else None,
+            torch.stack(w_hr) if w_hr else None, lengths, resets, clip, states=True,
+            rmask=rmask)
         h_n.append(hn)
         h_all.append(y.unflatten(-1, (D, P)).transpose(1, 2))
         if cn is not None:
@@ -214,3 +230,22 @@ def rnn_reference(mode: int, x: Tensor, params: dict, num_layers: int, bidirecti
     if states:
         out += (torch.cat(h_all, dim=1), torch.cat(c_all, dim=1) if c_all else None)
     return out
+
+
+def dropout_masks(weight_dropout: float, recurrent_dropout: float, num_layers: int, D: int,
+                  G: int, H: int, P: int, B: int, like: Tensor) -> list:
+    """The masks of one call of a layer in training mode, per layer ``(wmask, rmask)``:
+    ``wmask`` [D, G*H, P] multiplies W_hh (``weight_dropout``), ``rmask`` [D, B, P] the state
+    entering the recurrent product (``recurrent_dropout``); None where the probability is 0.
+    Entries are 0 with probability p, else 1 / (1 - p) (0 everywhere for p = 1). Drawn from
+    torch's generator for ``like``'s device, in this order, all before the layers run: the same
+    seed gives the same masks."""
+    def mask(p, shape):
+        if not p:
+            return None
+        if p >= 1:
+            return like.new_zeros(shape)
+        return like.new_empty(shape).bernoulli_(1 - p).div_(1 - p)
+
+    return [(mask(weight_dropout, (D, G * H, P)), mask(recurrent_dropout, (D, B, P)))
+            for _ in range(num_layers)]

@@ -75,6 +75,7 @@ class ForwardArgs(_Common):
     cell: Optional[Tensor]       # saved cell states (LSTM, training only)
     save: bool
     resets: Optional[Tensor] = None
+    rmask: Optional[Tensor] = None   # [D, B, P] recurrent dropout (W_hh's dtype)
 
     @property
     def ACC(self):
@@ -102,6 +103,7 @@ class BackwardArgs(_Common):
     resets: Optional[Tensor] = None
     dcell: Optional[Tensor] = None   # [T, B, D, H] contiguous, accumulation dtype
     clip: float = 0.0                # recurrent_grad_clip (0: none)
+    rmask: Optional[Tensor] = None   # [D, B, P] recurrent dropout (W_hh's dtype)
 
     @property
     def ACC(self):

@@ -59,6 +59,7 @@ def wait_ns() -> int:
 
 _LENGTHS = {"HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
             "HAS_RESETS": lambda a: a["rs_ptr"] is not None,
+            "HAS_RMASK": lambda a: a["rm_ptr"] is not None,
             "FAST": lambda a: fast_activations(a["w_hh_ptr"].dtype)}
 _OPTIONAL = {**_LENGTHS, "HAS_BHN": lambda a: a["b_hn_ptr"] is not None}
 _BWD_OPTIONAL = {**_LENGTHS, "HAS_DCELL": lambda a: a["dcell_ptr"] is not None,
@@ -118,6 +119,7 @@ def _recurrence_fwd_coop_kernel(
     xg_ptr, stride_xt, stride_xb,      # [T, B, D*G*H] input projections
     w_hh_ptr, b_hn_ptr, len_ptr,       # [D, G*H, H], [D, H], [B]
     rs_ptr, stride_rt, stride_rb,      # [T, B] uint8 episode starts (resets)
+    rm_ptr,                            # [D, B, H] recurrent dropout mask
     h0_ptr, c0_ptr,                    # [D, B, H] initial states (what a reset brings back)
     y_ptr, stride_yt, stride_yb,       # [T, B, D*H]
     gates_ptr, cell_ptr,               # saved for backward: [T, B, D, NSAVE*H], [T, B, D, H]
@@ -130,7 +132,7 @@ def _recurrence_fwd_coop_kernel(
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
     SYNC: tl.constexpr,
     HAS_BHN: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr,
-    FAST: tl.constexpr,
+    HAS_RMASK: tl.constexpr, FAST: tl.constexpr,
 ):
     i_j = tl.program_id(0)             # hidden slice owned by this program
     i_bt = tl.program_id(1)            # batch tile of the group
@@ -180,7 +182,11 @@ def _recurrence_fwd_coop_kernel(
             rows = ((slot * D + i_d) * B + on64)[None, :] * H        # this chunk's state rows
             # Every unit's previous state for the chunk, [K, N]: the dot's N is the batch.
             h_all = tl.load(hbuf_ptr + rows + o_k[:, None], mask=m_k[:, None] & m_n[None, :],
-                            other=0.0, cache_modifier=".cg").to(W_DTYPE)
+                            other=0.0, cache_modifier=".cg")
+            if HAS_RMASK:  # recurrent dropout: the product sees mask * h
+                h_all = h_all * tl.load(rm_ptr + (i_d * B + on64)[None, :] * H + o_k[:, None],
+                                        mask=m_k[:, None] & m_n[None, :], other=0.0)
+            h_all = h_all.to(W_DTYPE)
             acc = tl.dot(w, h_all, input_precision=PRECISION).to(ACC)
             q0, q1, q2, q3 = split_gates(acc, GP, BLOCK_H, BLOCK_N)
             h_prev = tl.load(hbuf_ptr + rows + o_u[:, None], mask=m_un, other=0.0,
@@ -246,6 +252,7 @@ def _recurrence_bwd_coop_kernel(
     gates_ptr, cell_ptr,               # saved activations
     w_hh_ptr, len_ptr,
     rs_ptr, stride_rt, stride_rb,      # [T, B] uint8 episode starts (resets)
+    rm_ptr,                            # [D, B, H] recurrent dropout mask
     dcell_ptr,                         # [T, B, D, H] gradient of every step's cell state
     dgx_ptr, dgh_ptr,                  # [T, B, D, G*H]
     dh0_ptr, dc0_ptr,                  # [D, B, H]
@@ -258,8 +265,8 @@ def _recurrence_bwd_coop_kernel(
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
     SYNC: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, HAS_DCELL: tl.constexpr,
-    CLIP: tl.constexpr, FAST: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, HAS_RMASK: tl.constexpr,
+    HAS_DCELL: tl.constexpr, CLIP: tl.constexpr, FAST: tl.constexpr,
 ):
     """Backward step k undoes forward step s = T-1-k. Each step first completes dh of the state
     it produced, ``dh_t = dy_t + keep_t + sum_g dG_{t+1,g} W_g[:, own]`` (the previous step's gate
@@ -316,8 +323,10 @@ def _recurrence_bwd_coop_kernel(
                 rec += tl.dot(b_w3, tl.load(p_g + 3 * H, mask=m_g, other=0.0,
                                             cache_modifier=".cg").to(W_DTYPE),
                               input_precision=PRECISION).to(ACC)
-            dh = dh + rec
             state = (i_d * B + on64)[None, :] * H + o_u[:, None]
+            if HAS_RMASK:  # the product saw mask * h
+                rec = rec * tl.load(rm_ptr + state, mask=m_un, other=0.0).to(ACC)
+            dh = dh + rec
             dc = dh
             if CELL == LSTM:
                 dc = tl.load(dcbuf_ptr + state, mask=m_un, other=0.0)
@@ -580,7 +589,7 @@ def forward(a: ForwardArgs, the_plan: Plan) -> None:
         launch_kernel(
             _recurrence_fwd_coop_kernel, (nj, nbt, a.D),
             xg_ptr=a.xg, stride_xt=a.xg.stride(0), stride_xb=a.xg.stride(1),
-            w_hh_ptr=a.w_hh, b_hn_ptr=a.b_hn, len_ptr=a.lengths, **a.reset_args(),
+            w_hh_ptr=a.w_hh, b_hn_ptr=a.b_hn, len_ptr=a.lengths, **a.reset_args(), rm_ptr=a.rmask,
             h0_ptr=a.h0, c0_ptr=a.c0, y_ptr=a.y, stride_yt=a.y.stride(0), stride_yb=a.y.stride(1),
             gates_ptr=a.gates, cell_ptr=a.cell, hbuf_ptr=hbuf, cbuf_ptr=cbuf,
             flags_ptr=flags, err_ptr=err, wait_ns=wait, s_begin=first, s_end=last + 1, T=a.T, B=a.B, H=a.H,
@@ -613,7 +622,8 @@ def backward(b: BackwardArgs, the_plan: Plan) -> None:
             dy_ptr=b.dy, stride_dyt=b.dy.stride(0), stride_dyb=b.dy.stride(1),
             y_ptr=b.y, stride_yt=b.y.stride(0), stride_yb=b.y.stride(1),
             h0_ptr=b.h0, c0_ptr=b.c0, gates_ptr=b.gates, cell_ptr=b.cell,
-            w_hh_ptr=b.w_hh, len_ptr=b.lengths, **b.reset_args(), dcell_ptr=b.dcell,
+            w_hh_ptr=b.w_hh, len_ptr=b.lengths, **b.reset_args(), rm_ptr=b.rmask,
+            dcell_ptr=b.dcell,
             dgx_ptr=b.dgx, dgh_ptr=b.dgh,
             dh0_ptr=b.dh0, dc0_ptr=b.dc0, gbuf_ptr=gbuf, dhbuf_ptr=dhbuf, dcbuf_ptr=dcbuf,
             d0buf_ptr=d0buf, flags_ptr=flags, err_ptr=err, wait_ns=wait, clip=b.clip, k_begin=k_begin, k_end=k_end, T=b.T, B=b.B, H=b.H,

@@ -24,6 +24,7 @@ _SHARED = {
     "HAS_PROJ": lambda a: a["w_hr_ptr"] is not None,
     "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
     "HAS_RESETS": lambda a: a["rs_ptr"] is not None,
+    "HAS_RMASK": lambda a: a["rm_ptr"] is not None,
     "FAST": lambda a: fast_activations(a["w_hh_ptr"].dtype),
 }
 _OPTIONAL = {**_SHARED, "HAS_BHN": lambda a: a["b_hn_ptr"] is not None}
@@ -39,6 +40,7 @@ def _recurrence_fwd_persistent_kernel(
     w_hh_ptr, b_hn_ptr, w_hr_ptr,      # [D, G*H, P], [D, H], [D, P, H] contiguous
     len_ptr,                           # [B] int32 sequence lengths (packed input)
     rs_ptr, stride_rt, stride_rb,      # [T, B] uint8 episode starts (resets)
+    rm_ptr,                            # [D, B, P] recurrent dropout mask
     y_ptr, stride_yt, stride_yb,       # [T, B, D*P] states after every step
     hn_ptr, cn_ptr,                    # [D, B, P], [D, B, H] final states
     gates_ptr, cell_ptr,               # [T, B, D, NSAVE*H], [T, B, D, H] saved for backward
@@ -47,7 +49,7 @@ def _recurrence_fwd_persistent_kernel(
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
     HAS_BHN: tl.constexpr, HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    HAS_RESETS: tl.constexpr, FAST: tl.constexpr,
+    HAS_RESETS: tl.constexpr, HAS_RMASK: tl.constexpr, FAST: tl.constexpr,
 ):
     i_b = tl.program_id(0)
     i_d = tl.program_id(1)
@@ -82,6 +84,8 @@ def _recurrence_fwd_persistent_kernel(
         c = tl.load(c0_ptr + p_state * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
     if HAS_LENGTHS:
         b_len = tl.load(len_ptr + o_b, mask=m_b, other=0)
+    if HAS_RMASK:  # recurrent dropout: the same mask on h at every step
+        b_rm = tl.load(rm_ptr + p_state * P + o_p[None, :], mask=m_bp, other=0.0).to(ACC)
     b_h0 = h  # the initial state, which a reset brings back
     b_c0 = c
     p_x = xg_ptr + ob64[:, None] * stride_xb + i_d * (G * H) + o_h[None, :]
@@ -99,7 +103,10 @@ def _recurrence_fwd_persistent_kernel(
         x0, x1, x2, x3 = load_gate_tiles(p_x + t64 * stride_xt, m_bh, H, G)
         # Padding lanes are zeroed in every operand: an inf in a real lane times a zero weight
         # in a padding column would otherwise leave NaN there, and the next product spreads it.
-        b_hw = tl.where(m_bp, h, 0.0).to(W_DTYPE)
+        b_hw = tl.where(m_bp, h, 0.0)
+        if HAS_RMASK:
+            b_hw = b_hw * b_rm
+        b_hw = b_hw.to(W_DTYPE)
         q0, q1, q2, q3 = recurrent_products(b_hw, b_w0, b_w1, b_w2, b_w3, G, ACC, PRECISION)
         h_new, c_new, s0, s1, s2, s3 = cell_forward(x0, x1, x2, x3, q0, q1, q2, q3, h, c, b_bhn,
                                                     CELL, HAS_BHN, ACC, FAST)
@@ -142,6 +149,7 @@ def _recurrence_bwd_persistent_kernel(
     gates_ptr, cell_ptr,               # saved activations
     w_hh_ptr, w_hr_ptr, len_ptr,
     rs_ptr, stride_rt, stride_rb,      # [T, B] uint8 episode starts (resets)
+    rm_ptr,                            # [D, B, P] recurrent dropout mask
     dcell_ptr,                         # [T, B, D, H] gradient of every step's cell state
     dgx_ptr, dgh_ptr,                  # [T, B, D, G*H] grads of xg and of W_hh h (+ b_hh)
     dhp_ptr,                           # [T, B, D, P] total dh per step (projection only)
@@ -152,7 +160,7 @@ def _recurrence_bwd_persistent_kernel(
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
     HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr,
-    HAS_DCELL: tl.constexpr, CLIP: tl.constexpr, FAST: tl.constexpr,
+    HAS_RMASK: tl.constexpr, HAS_DCELL: tl.constexpr, CLIP: tl.constexpr, FAST: tl.constexpr,
 ):
     i_b = tl.program_id(0)
     i_d = tl.program_id(1)
@@ -189,6 +197,8 @@ def _recurrence_bwd_persistent_kernel(
         b_h0 = tl.load(h0_ptr + p_state * P + o_p[None, :], mask=m_bp, other=0.0).to(ACC)
     if HAS_LENGTHS:
         b_len = tl.load(len_ptr + o_b, mask=m_b, other=0)
+    if HAS_RMASK:  # recurrent dropout: the product saw mask * h
+        b_rm = tl.load(rm_ptr + p_state * P + o_p[None, :], mask=m_bp, other=0.0).to(ACC)
     dh0_acc = dh_c * 0.0  # what the steps that began from the initial state (resets) sent it
     dc0_acc = dc_c * 0.0
 
@@ -253,6 +263,8 @@ def _recurrence_bwd_persistent_kernel(
             rec += tl.dot(gh2.to(W_DTYPE), b_w2, input_precision=PRECISION).to(ACC)
         if G == 4:
             rec += tl.dot(g3.to(W_DTYPE), b_w3, input_precision=PRECISION).to(ACC)
+        if HAS_RMASK:
+            rec = rec * b_rm
         if HAS_PROJ:
             tl.store(dhp_ptr + p_row * P + o_p[None, :],
                      tl.where(row_act, dh, 0.0).to(dhp_ptr.dtype.element_ty),
@@ -324,7 +336,7 @@ def forward(a: ForwardArgs, the_plan: Plan) -> None:
         _recurrence_fwd_persistent_kernel, (triton.cdiv(a.B, cfg.block_b), a.D),
         xg_ptr=a.xg, stride_xt=a.xg.stride(0), stride_xb=a.xg.stride(1),
         h0_ptr=a.h0, c0_ptr=a.c0, w_hh_ptr=a.w_hh, b_hn_ptr=a.b_hn, w_hr_ptr=a.w_hr,
-        len_ptr=a.lengths, **a.reset_args(),
+        len_ptr=a.lengths, **a.reset_args(), rm_ptr=a.rmask,
         y_ptr=a.y, stride_yt=a.y.stride(0), stride_yb=a.y.stride(1), hn_ptr=a.hn, cn_ptr=a.cn, gates_ptr=a.gates, cell_ptr=a.cell,
         T=a.T, B=a.B, H=a.H, P=a.P,
         CELL=a.mode, G=a.G, NSAVE=a.NSAVE, SAVE=a.save, ACC=a.ACC, PRECISION=a.precision,
@@ -340,7 +352,7 @@ def backward(b: BackwardArgs, the_plan: Plan) -> None:
         dy_ptr=b.dy, stride_dyt=b.dy.stride(0), stride_dyb=b.dy.stride(1),
         dhn_ptr=b.dhn, dcn_ptr=b.dcn, y_ptr=b.y, stride_yt=b.y.stride(0),
         stride_yb=b.y.stride(1), h0_ptr=b.h0, c0_ptr=b.c0, gates_ptr=b.gates, cell_ptr=b.cell,
-        w_hh_ptr=b.w_hh, w_hr_ptr=b.w_hr, len_ptr=b.lengths, **b.reset_args(),
+        w_hh_ptr=b.w_hh, w_hr_ptr=b.w_hr, len_ptr=b.lengths, **b.reset_args(), rm_ptr=b.rmask,
         dcell_ptr=b.dcell, dgx_ptr=b.dgx, dgh_ptr=b.dgh, dhp_ptr=b.dhp, dh0_ptr=b.dh0,
         dc0_ptr=b.dc0, clip=b.clip,
         T=b.T, B=b.B, H=b.H, P=b.P,

@@ -1,7 +1,7 @@
 """The recurrence op: the only place where time is sequential.
 
 ``recurrence(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save, strategy,
-resets, clip)`` runs one layer, all of its directions: one GEMM projects the input of every step and direction
+resets, clip, rmask)`` runs one layer, all of its directions: one GEMM projects the input of every step and direction
 (``xg = x W_ih^T + b_x``), then a Triton kernel runs the sequential part. It is a
 ``torch.library`` custom op (``fastrnn::recurrence``) with a fake implementation and registered
 autograd, so ``torch.compile`` traces it without graph breaks. Its backward is a second custom op,
@@ -25,7 +25,8 @@ b_x [D*G*H] (b_ih plus the parts of b_hh that can be pre-summed); h0 [D, B, P]; 
 (LSTM); w_hh [D, G*H, P]; b_hn [D, H] (GRU with bias); w_hr [D, P, H] (LSTM with proj_size);
 lengths [B] int (packed input, sorted decreasing); resets [T, B] bool (a batch-major tensor seen
 time-major when batch_first: episode starts, ``fastrnn.reference``); clip > 0 clamps the recurrent
-gradient (``recurrent_grad_clip``; 0: none). Outputs: y [T, B, D*P] (batch-major memory when
+gradient (``recurrent_grad_clip``; 0: none); rmask [D, B, P] multiplies the state entering the
+recurrent product (``recurrent_dropout``). Outputs: y [T, B, D*P] (batch-major memory when
 batch_first), h_n [D, B, P], c_n [D, B, H], and the activations saved for backward: gates
 [T, B, D, NSAVE*H] and cell [T, B, D, H] (LSTM; every step's cell state, differentiable: what
 ``return_states`` returns); empty where not saved.
@@ -135,12 +136,17 @@ def _resets(resets: Optional[Tensor]) -> Optional[Tensor]:
     return None if resets is None else resets.view(torch.uint8)
 
 
+def _rmask(rmask: Optional[Tensor], w_hh: Tensor) -> Optional[Tensor]:
+    """The recurrent dropout mask as the kernels read it: [D, B, P] contiguous, W_hh's dtype."""
+    return None if rmask is None else rmask.to(w_hh.dtype).contiguous()
+
+
 @torch.library.custom_op("fastrnn::recurrence", mutates_args=())
 def recurrence_op(x: Tensor, w_ih: Tensor, b_x: Optional[Tensor], h0: Tensor,
                   c0: Optional[Tensor], w_hh: Tensor, b_hn: Optional[Tensor],
                   w_hr: Optional[Tensor], lengths: Optional[Tensor], mode: int, batch_first: bool,
-                  save: bool, strategy: str, resets: Optional[Tensor] = None, clip: float = 0.0
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  save: bool, strategy: str, resets: Optional[Tensor] = None, clip: float = 0.0,
+                  rmask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The forward op (no autograd of its own: ``recurrence`` below is the differentiable
     entry point). ``clip`` changes only the backward; the op takes it so that its autograd
     sees it."""
@@ -160,14 +166,14 @@ def recurrence_op(x: Tensor, w_ih: Tensor, b_x: Optional[Tensor], h0: Tensor,
         w_hh=w_hh.contiguous(), b_hn=b_hn.contiguous() if b_hn is not None else None,
         w_hr=w_hr.contiguous() if w_hr is not None else None, lengths=_lengths(lengths, device),
         y=y, hn=hn, cn=_some(cn), gates=_some(gates), cell=_some(cell), save=save,
-        resets=_resets(resets))
+        resets=_resets(resets), rmask=_rmask(rmask, w_hh))
     dispatch.launch(the_plan.strategy, "fwd", args, the_plan)
     return y, hn, cn, gates, cell
 
 
 @recurrence_op.register_fake
 def _(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save, strategy,
-      resets=None, clip=0.0):
+      resets=None, clip=0.0, rmask=None):
     return _forward_outputs(mode, x, h0, w_hh, batch_first, save)
 
 
@@ -193,9 +199,10 @@ def _backward_outputs(mode, dy, x, w_ih, h0, w_hh, w_hr, has_b_x, has_b_hn, want
             out(GRAD_W_HR if w_hr is not None else 0, *lead, D, P, H))
 
 
-def _previous_states(y: Tensor, h0: Tensor, resets: Optional[Tensor] = None) -> Tensor:
+def _previous_states(y: Tensor, h0: Tensor, resets: Optional[Tensor] = None,
+                     rmask: Optional[Tensor] = None) -> Tensor:
     """[T, B, D, P]: the state each step started from (h_{t-1} forward, h_{t+1} reverse; h0 at
-    an episode start)."""
+    an episode start), as the recurrent product saw it (times ``rmask``)."""
     from ..reference import entering_resets
 
     D, _, P = h0.shape
@@ -206,12 +213,14 @@ def _previous_states(y: Tensor, h0: Tensor, resets: Optional[Tensor] = None) -> 
     if resets is not None:
         prev = [torch.where(entering_resets(resets, d)[:, :, None], h0[d], p)
                 for d, p in enumerate(prev)]
+    if rmask is not None:
+        prev = [p * rmask[d] for d, p in enumerate(prev)]
     return torch.stack(prev, dim=2)
 
 
 def backward_impl(dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, lengths, mode,
                   batch_first, has_b_x, has_b_hn, wanted, strategy, resets=None, clip=0.0,
-                  dcell=None, groups=1):
+                  dcell=None, rmask=None, groups=1):
     """The backward op's work. ``groups`` > 1 (vmap) sums the weight gradients per group of
     consecutive batch rows instead of over the whole batch, giving them a leading group dim.
     ``dcell`` is the gradient of every step's cell state (``return_states``) or None."""
@@ -241,7 +250,7 @@ def backward_impl(dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, len
         w_hr=w_hr.contiguous() if w_hr is not None else None, lengths=_lengths(lengths, device),
         dgx=dgx, dgh=dgh, dhp=dhp, dh0=dh0_k, dc0=dc0_k, resets=_resets(resets),
         dcell=dcell.contiguous() if is_lstm and _some(dcell) is not None else None,
-        clip=float(clip))
+        clip=float(clip), rmask=_rmask(rmask, w_hh))
     dispatch.launch(the_plan.strategy, "bwd", args, the_plan)
 
     # Everything parallel over time: whole-sequence GEMMs (per group of rows under vmap).
@@ -267,7 +276,7 @@ def backward_impl(dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, len
         if wanted & (GRAD_W_HH | GRAD_B_HN):
             g = rows(dgh4.reshape(T, B, D * GH), D * GH).unflatten(-1, (D, GH))
             if wanted & GRAD_W_HH:
-                prev = rows(_previous_states(y, h0, resets).reshape(T, B, D * P),
+                prev = rows(_previous_states(y, h0, resets, rmask).reshape(T, B, D * P),
                             D * P).unflatten(
                     -1, (D, P))
                 grads[5] = done(torch.einsum("nrdg,nrdp->ndgp", g, prev))
@@ -288,18 +297,18 @@ def recurrence_backward(dy: Tensor, dhn: Tensor, dcn: Optional[Tensor], x: Tenso
                         w_hh: Tensor, w_hr: Optional[Tensor], lengths: Optional[Tensor],
                         mode: int, batch_first: bool, has_b_x: bool, has_b_hn: bool, wanted: int,
                         strategy: str, resets: Optional[Tensor] = None, clip: float = 0.0,
-                        dcell: Optional[Tensor] = None
+                        dcell: Optional[Tensor] = None, rmask: Optional[Tensor] = None
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr), those ``wanted`` (GRAD_* bits);
     the others come back empty. ``x`` and ``dx`` are time-major views, as in the forward op."""
     return backward_impl(dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, lengths,
                          mode, batch_first, has_b_x, has_b_hn, wanted, strategy, resets, clip,
-                         dcell)
+                         dcell, rmask)
 
 
 @recurrence_backward.register_fake
 def _(dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, lengths, mode, batch_first,
-      has_b_x, has_b_hn, wanted, strategy, resets=None, clip=0.0, dcell=None):
+      has_b_x, has_b_hn, wanted, strategy, resets=None, clip=0.0, dcell=None, rmask=None):
     return _backward_outputs(mode, dy, x, w_ih, h0, w_hh, w_hr, has_b_x, has_b_hn, wanted)
 
 
@@ -353,10 +362,10 @@ def _strategy_for(strategy: str, mode: int, B: int, w_hh: Tensor, device) -> str
 
 @recurrence_op.register_vmap
 def _(info, in_dims, x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save,
-      strategy, resets=None, clip=0.0):
+      strategy, resets=None, clip=0.0, rmask=None):
     n = info.batch_size
     args = (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save, strategy,
-            resets, clip)
+            resets, clip, rmask)
     in_dims = tuple(in_dims) + (None,) * (len(args) - len(in_dims))
     if any(in_dims[i] is not None for i in (1, 2, 5, 6, 7)):
         return _per_sample(recurrence_op, n, in_dims, args)
@@ -365,19 +374,21 @@ def _(info, in_dims, x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batc
     c0 = _fold(c0, in_dims[4], n, 1)
     lengths = _fold(lengths, in_dims[8], n, 0)
     resets = _fold(resets, in_dims[13], n, 1)        # time-major [T, N*B]
+    rmask = _fold(rmask, in_dims[15], n, 1)          # [D, N*B, P]
     strategy = _strategy_for(strategy, mode, x.shape[1], w_hh, x.device)
     y, hn, cn, gates, cell = recurrence_op(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths,
-                                           mode, False, save, strategy, resets, clip)
+                                           mode, False, save, strategy, resets, clip, rmask)
     outs = [_unfold(t, n, 1) for t in (y, hn, cn, gates, cell)]
     return tuple(o for o, _ in outs), tuple(d for _, d in outs)
 
 
 @torch.library.register_vmap("fastrnn::recurrence_backward")
 def _(info, in_dims, dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, lengths, mode,
-      batch_first, has_b_x, has_b_hn, wanted, strategy, resets=None, clip=0.0, dcell=None):
+      batch_first, has_b_x, has_b_hn, wanted, strategy, resets=None, clip=0.0, dcell=None,
+      rmask=None):
     n = info.batch_size
     args = (dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, lengths, mode,
-            batch_first, has_b_x, has_b_hn, wanted, strategy, resets, clip, dcell)
+            batch_first, has_b_x, has_b_hn, wanted, strategy, resets, clip, dcell, rmask)
     in_dims = tuple(in_dims) + (None,) * (len(args) - len(in_dims))
     if any(in_dims[i] is not None for i in (4, 10, 11)):
         return _per_sample(recurrence_backward, n, in_dims, args)
@@ -388,12 +399,13 @@ def _(info, in_dims, dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, 
     dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, lengths = folded
     resets = _fold(resets, in_dims[19], n, 1)        # [T, N*B]
     dcell = _fold(dcell, in_dims[21], n, 1)          # [T, N*B, D, H]
+    rmask = _fold(rmask, in_dims[22], n, 1)          # [D, N*B, P]
     strategy = _strategy_for(strategy, mode, dy.shape[1], w_hh, dy.device)
     # One launch for every sample; the weight gradients are summed per sample (groups).
     grads = backward_impl(dy.contiguous(), dhn, dcn, x, w_ih, y.contiguous(), h0, c0,
                           gates.contiguous(), cell.contiguous(), w_hh, w_hr, lengths, mode,
                           batch_first, has_b_x, has_b_hn, wanted, strategy, resets, clip,
-                          dcell, groups=n)
+                          dcell, rmask, groups=n)
     out, dims = [], []
     for i, g in enumerate(grads):
         if i in (0, 3, 4):                          # dx, dh0, dc0: per row of the batch
@@ -416,14 +428,14 @@ class Recurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save,
-                strategy, resets, clip):
+                strategy, resets, clip, rmask):
         return recurrence_op(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first,
-                             save, strategy, resets, clip)
+                             save, strategy, resets, clip, rmask)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save,
-         strategy, resets, clip) = (tuple(inputs) + (None, 0.0))[:15]
+         strategy, resets, clip, rmask) = (tuple(inputs) + (None, 0.0, None)[len(inputs) - 13:])
         y, _, _, gates, cell = output
         ctx.mode = mode
         ctx.batch_first = batch_first
@@ -442,13 +454,13 @@ class Recurrence(torch.autograd.Function):
             ctx.mark_non_differentiable(gates)
         else:
             ctx.mark_non_differentiable(gates, cell)
-        ctx.save_for_backward(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, resets, y, gates,
-                              cell)
-        ctx.save_for_forward(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, resets)
+        ctx.save_for_backward(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, resets, rmask, y,
+                              gates, cell)
+        ctx.save_for_forward(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, resets, rmask)
 
     @staticmethod
     def backward(ctx, dy, dhn, dcn, _dgates, dcell):
-        (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, resets, y, gates,
+        (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, resets, rmask, y, gates,
          cell) = ctx.saved_tensors
         mode = ctx.mode
         if dy is None:
@@ -468,10 +480,10 @@ class Recurrence(torch.autograd.Function):
         grads = RecurrenceBackward.apply(
             dy, dhn, dcn if mode == _modes.LSTM else None, x, w_ih, b_x, y, h0, c0, gates, cell,
             w_hh, b_hn, w_hr, lengths, mode, ctx.batch_first, wanted, ctx.strategy, resets,
-            ctx.clip, dcell)
+            ctx.clip, dcell, rmask)
         present = (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr)
         out = [g if needs[i] and present[i] is not None else None for i, g in enumerate(grads)]
-        return tuple(out) + (None,) * 7
+        return tuple(out) + (None,) * 8
 
     @staticmethod
     def jvp(ctx, *tangents):
@@ -481,7 +493,7 @@ class Recurrence(torch.autograd.Function):
         from ..reference import recurrence_reference
 
         primals = ctx.saved_tensors
-        x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, resets = primals
+        x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, resets, rmask = primals
         mode, batch_first = ctx.mode, ctx.batch_first
         present = [i for i in range(8) if primals[i] is not None]
 
@@ -491,7 +503,8 @@ class Recurrence(torch.autograd.Function):
                 full[i] = a
             xg = project(full[0], full[1], full[2], batch_first)
             y, hn, cn, cells = recurrence_reference(mode, xg, full[3], full[4], full[5], full[6],
-                                                    full[7], lengths, resets, states=True)
+                                                    full[7], lengths, resets, states=True,
+                                                    rmask=rmask)
             return (y, hn) if cn is None else (y, hn, cn, cells)
 
         tangent_in = [tangents[i] if tangents[i] is not None else torch.zeros_like(primals[i])
@@ -509,7 +522,8 @@ class Recurrence(torch.autograd.Function):
 
 
 def recurrence(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode: int, batch_first: bool,
-               save: bool, strategy: str, resets: Optional[Tensor] = None, clip: float = 0.0):
+               save: bool, strategy: str, resets: Optional[Tensor] = None, clip: float = 0.0,
+               rmask: Optional[Tensor] = None):
     """The differentiable recurrence of one layer (all its directions); see the module docstring.
     Returns ``(y, h_n, c_n, gates, cell)``.
 
@@ -517,7 +531,7 @@ def recurrence(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode: int, batch
     a Function with a custom jvp, so there the op runs with the same autograd registered on it
     (``register_autograd``), which torch.compile keeps opaque."""
     args = (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save, strategy,
-            resets, float(clip or 0.0))
+            resets, float(clip or 0.0), rmask)
     if torch.compiler.is_compiling():
         return recurrence_op(*args)
     return Recurrence.apply(*args)
@@ -540,18 +554,18 @@ class RecurrenceBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(dy, dhn, dcn, x, w_ih, b_x, y, h0, c0, gates, cell, w_hh, b_hn, w_hr, lengths,
-                mode, batch_first, wanted, strategy, resets, clip, dcell):
+                mode, batch_first, wanted, strategy, resets, clip, dcell, rmask):
         return recurrence_backward(dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr,
                                    lengths, mode, batch_first, b_x is not None,
-                                   b_hn is not None, wanted, strategy, resets, clip, dcell)
+                                   b_hn is not None, wanted, strategy, resets, clip, dcell, rmask)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         (dy, dhn, dcn, x, w_ih, b_x, _, h0, c0, _, _, w_hh, b_hn, w_hr, lengths, mode,
-         batch_first, wanted, _, resets, clip, dcell) = inputs
+         batch_first, wanted, _, resets, clip, dcell, rmask) = inputs
         ctx.mode, ctx.batch_first, ctx.wanted, ctx.clip = mode, batch_first, wanted, clip
         ctx.save_for_backward(dy, dhn, dcn, x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, dcell,
-                              lengths, resets)
+                              lengths, resets, rmask)
 
     @staticmethod
     def backward(ctx, *grad_grads):
@@ -568,7 +582,7 @@ class RecurrenceBackward(torch.autograd.Function):
                 "recurrent_grad_clip=None for gradient penalties or Hessian products.")
         saved = ctx.saved_tensors
         # dy, dhn, dcn, the op's 8 inputs, dcell: what the first-order gradients depend on.
-        wrt, (lengths, resets) = list(saved[:12]), saved[12:]
+        wrt, (lengths, resets, rmask) = list(saved[:12]), saved[12:]
         mode, batch_first, wanted, clip = ctx.mode, ctx.batch_first, ctx.wanted, ctx.clip
         present = [i for i, t in enumerate(wrt) if t is not None]
         # The first-order gradients this Function returned (GRAD_* bits of present inputs).
@@ -590,7 +604,8 @@ class RecurrenceBackward(torch.autograd.Function):
                     xs[j] = p
                 xg = project(xs[0], xs[1], xs[2], batch_first)
                 y, hn, cn, cells = recurrence_reference(mode, xg, xs[3], xs[4], xs[5], xs[6],
-                                                        xs[7], lengths, resets, clip, states=True)
+                                                        xs[7], lengths, resets, clip, states=True,
+                                                        rmask=rmask)
                 if cn is None:
                     return y, hn
                 return (y, hn, cn) if full[11] is None else (y, hn, cn, cells)
@@ -609,6 +624,6 @@ class RecurrenceBackward(torch.autograd.Function):
         for i, g in zip(present, pull(cotangents)):
             d[i] = g
         # Inputs: dy, dhn, dcn, x, w_ih, b_x, y, h0, c0, gates, cell, w_hh, b_hn, w_hr, lengths,
-        # four non-tensors, resets, clip, dcell.
+        # four non-tensors, resets, clip, dcell, rmask.
         return (d[0], d[1], d[2], d[3], d[4], d[5], None, d[6], d[7], None, None, d[8], d[9],
-                d[10], None, None, None, None, None, None, None, d[11])
+                d[10], None, None, None, None, None, None, None, d[11], None)

@@ -27,6 +27,7 @@ from .select import (LAUNCHES, DeviceSpec, DoesNotFit, KernelConfig, Plan, Probl
 
 _LENGTHS = {"HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
             "HAS_RESETS": lambda a: a["rs_ptr"] is not None}
+_RMASK = {"HAS_RMASK": lambda a: a["rm_ptr"] is not None}
 
 
 @triton.jit
@@ -54,7 +55,7 @@ def _load_prev(y_ptr, stride_yt, stride_yb, t_prev, init_ptr, init_rows, init_wi
     return tl.where(has_prev, from_y, from_init)
 
 
-@triton.heuristics({**_LENGTHS, "HAS_BHN": lambda a: a["b_hn_ptr"] is not None,
+@triton.heuristics({**_LENGTHS, **_RMASK, "HAS_BHN": lambda a: a["b_hn_ptr"] is not None,
                     "FAST": lambda a: fast_activations(a["w_hh_ptr"].dtype)})
 @triton.jit(do_not_specialize=["s"])  # one compiled kernel for every step
 def _recurrence_fwd_step_kernel(
@@ -62,6 +63,7 @@ def _recurrence_fwd_step_kernel(
     h0_ptr, c0_ptr,                    # [D, B, P], [D, B, H]
     w_hh_ptr, b_hn_ptr, len_ptr,       # [D, G*H, P], [D, H], [B]
     rs_ptr, stride_rt, stride_rb,      # [T, B] uint8 episode starts (resets)
+    rm_ptr,                            # [D, B, P] recurrent dropout mask
     y_ptr, stride_yt, stride_yb,       # [T, B, D*P]
     r_ptr,                             # [D, B, H] o*tanh(c) of this step (projection only)
     gates_ptr, cell_ptr,               # [T, B, D, NSAVE*H], [T, B, D, H]
@@ -70,7 +72,7 @@ def _recurrence_fwd_step_kernel(
     SAVE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_BHN: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr,
-    FAST: tl.constexpr,
+    HAS_RMASK: tl.constexpr, FAST: tl.constexpr,
 ):
     i_b = tl.program_id(0)
     i_h = tl.program_id(1)
@@ -97,7 +99,11 @@ def _recurrence_fwd_step_kernel(
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < P
         b_h = _load_prev(y_ptr, stride_yt, stride_yb, t_prev, h0_ptr, i_d * B, P, first,
-                         o_b, o_k, m_b[:, None] & m_k[None, :], i_d, P).to(W_DTYPE)
+                         o_b, o_k, m_b[:, None] & m_k[None, :], i_d, P)
+        if HAS_RMASK:  # recurrent dropout: the product sees mask * h
+            b_h = b_h * tl.load(rm_ptr + (i_d * B + ob64)[:, None] * P + o_k[None, :],
+                                mask=m_b[:, None] & m_k[None, :], other=0.0)
+        b_h = b_h.to(W_DTYPE)
         p_w = w_hh_ptr + i_d * (G * H * P) + o_h[None, :] * P + o_k[:, None]
         m_w = m_k[:, None] & m_h[None, :]
         acc0 += tl.dot(b_h, tl.load(p_w, mask=m_w, other=0.0), input_precision=PRECISION).to(ACC)
@@ -190,12 +196,13 @@ def _projection_step_kernel(
              h_new.to(y_ptr.dtype.element_ty), mask=m_bp)
 
 
-@triton.heuristics(_LENGTHS)
+@triton.heuristics({**_LENGTHS, **_RMASK})
 @triton.jit(do_not_specialize=["k"])  # one compiled kernel for every step
 def _recurrence_bwd_step_dh_kernel(
     dy_ptr, stride_dyt, stride_dyb,    # [T, B, D*P]
     gates_ptr, w_hh_ptr, len_ptr,
     rs_ptr, stride_rt, stride_rb,      # [T, B] uint8 episode starts (resets)
+    rm_ptr,                            # [D, B, P] recurrent dropout mask
     dgh_ptr,                           # [T, B, D, G*H] gradients of W_hh h (+ b_hh) so far
     dh_ptr,                            # [D, B, P] (ACC) total dh of the previous step, updated
     dhp_ptr, dh0_ptr,                  # [T, B, D, P] (projection), [D, B, P] (last launch)
@@ -205,7 +212,8 @@ def _recurrence_bwd_step_dh_kernel(
     CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr, HAS_PROJ: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, CLIP: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, HAS_RMASK: tl.constexpr,
+    CLIP: tl.constexpr,
 ):
     """Total dh of backward step k (forward step s = T-1-k): dy_t plus what flows back from the
     step undone before it, ``dG_q @ W_hh + keep_q * dh_q``. k == T (the last launch): the same
@@ -254,6 +262,9 @@ def _recurrence_bwd_step_dh_kernel(
     else:
         keep = tl.where(act_q, 0.0, 1.0)
     p_dh = dh_ptr + (i_d * B + ob64)[:, None] * P + o_p[None, :]
+    if HAS_RMASK:  # the product saw mask * h
+        acc = acc * tl.load(rm_ptr + (i_d * B + ob64)[:, None] * P + o_p[None, :], mask=m_bp,
+                            other=0.0).to(ACC)
     dh = acc + keep * tl.load(p_dh, mask=m_bp, other=0.0)
     # Past k = 0, dh belongs to the state that entered forward step q: clipped there; at an
     # episode start (q > 0), the initial state's.
@@ -543,7 +554,7 @@ def forward(a: ForwardArgs, the_plan: Plan) -> None:
         _recurrence_fwd_step_kernel, grid, "s",
         xg_ptr=a.xg, stride_xt=a.xg.stride(0), stride_xb=a.xg.stride(1),
         h0_ptr=a.h0, c0_ptr=a.c0, w_hh_ptr=a.w_hh, b_hn_ptr=a.b_hn, len_ptr=a.lengths,
-        **a.reset_args(), y_ptr=a.y, stride_yt=a.y.stride(0), stride_yb=a.y.stride(1), r_ptr=r,
+        **a.reset_args(), rm_ptr=a.rmask, y_ptr=a.y, stride_yt=a.y.stride(0), stride_yb=a.y.stride(1), r_ptr=r,
         gates_ptr=a.gates, cell_ptr=cell, s=0, T=a.T, B=a.B, H=a.H, P=a.P,
         CELL=a.mode, G=a.G, NSAVE=a.NSAVE, HAS_PROJ=a.w_hr is not None, SAVE=a.save,
         ACC=a.ACC, PRECISION=a.precision,
@@ -590,7 +601,8 @@ def backward(b: BackwardArgs, the_plan: Plan) -> None:
     dh_args = dict(
         dy_ptr=b.dy, stride_dyt=b.dy.stride(0), stride_dyb=b.dy.stride(1),
         gates_ptr=b.gates, w_hh_ptr=b.w_hh, dgh_ptr=b.dgh if b.dgh is not None else b.dgx,
-        dh_ptr=dh, dhp_ptr=b.dhp, dh0_ptr=b.dh0, d0_ptr=d0, HAS_PROJ=b.w_hr is not None,
+        dh_ptr=dh, dhp_ptr=b.dhp, dh0_ptr=b.dh0, d0_ptr=d0, rm_ptr=b.rmask,
+        HAS_PROJ=b.w_hr is not None,
         CLIP=b.clip > 0,
         BLOCK_B=dcfg.block_b, BLOCK_P=dcfg.block_h, BLOCK_K=dcfg.block_k,
         **common, **dcfg.launch_options())
