@@ -152,10 +152,31 @@ MUTATIONS = (
         "return_states' c_all is differentiable"),
     Mutation(
         "weight-gradient-ignores-resets", "fastrnn/ops/recurrence.py",
-        "                prev = rows(_previous_states(y, h0, resets).reshape(T, B, D * P),\n",
-        "                prev = rows(_previous_states(y, h0).reshape(T, B, D * P),\n",
+        "                prev = rows(_previous_states(y, h0, resets, rmask).reshape(T, B, D * P),\n",
+        "                prev = rows(_previous_states(y, h0, None, rmask).reshape(T, B, D * P),\n",
         ("tests/test_beyond.py::test_each_feature_alone[stepwise-resets]",),
         "dW_hh multiplies the state each step started from: h0 at an episode start"),
+    Mutation(
+        "stepwise-dh-forgets-the-recurrent-mask", "fastrnn/ops/stepwise.py",
+        "        acc = acc * tl.load(rm_ptr + (i_d * B + ob64)[:, None] * P + o_p[None, :], "
+        "mask=m_bp,\n",
+        "        acc = acc * 1 + 0 * tl.load(rm_ptr + (i_d * B + ob64)[:, None] * P + "
+        "o_p[None, :], mask=m_bp,\n",
+        ("tests/test_dropout_options.py::test_each_option_alone_packed[stepwise-recurrent]",),
+        "the recurrent gradient passes back through the dropout mask"),
+    Mutation(
+        "cooperative-forward-forgets-the-recurrent-mask", "fastrnn/ops/cooperative.py",
+        "                h_all = h_all * tl.load(rm_ptr",
+        "                h_all = h_all + 0 * tl.load(rm_ptr",
+        ("tests/test_dropout_options.py::test_cooperative_recurrent_dropout_with_many_programs"
+         "[gru]",),
+        "every program's product sees the masked state"),
+    Mutation(
+        "weight-gradient-ignores-the-recurrent-mask", "fastrnn/ops/recurrence.py",
+        "                prev = rows(_previous_states(y, h0, resets, rmask).reshape(T, B, D * P),\n",
+        "                prev = rows(_previous_states(y, h0, resets).reshape(T, B, D * P),\n",
+        ("tests/test_dropout_options.py::test_each_option_alone_packed[persistent-recurrent]",),
+        "dW_hh multiplies the state the product saw: mask * h"),
 )
 
 BY_NAME = {m.name: m for m in MUTATIONS}
