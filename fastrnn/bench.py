@@ -93,13 +93,18 @@ class Config:
 
 
 CELLS = ("LSTM", "GRU", "RNN_TANH")
-FEATURES = ("resets", "states", "clip")
+FEATURES = ("resets", "states", "clip", "weight_dropout", "recurrent_dropout")
 WORKAROUNDS = {
     "resets": "torch.nn's cell in a Python loop, the state multiplied by (1 - done)",
     "states": "torch.nn's layer called one step at a time",
     "clip": "torch.nn's cell in a Python loop, a hook clamping the state's gradient",
+    "weight_dropout": "AWD-LSTM's WeightDrop around torch.nn's layer (a masked W_hh set before "
+                      "each call)",
+    "recurrent_dropout": "torch.nn's cell in a Python loop, the state times one mask per call",
 }
+RANDOM = ("weight_dropout", "recurrent_dropout")  # masks differ between providers: no parity
 CLIP = 1.0          # the recurrent_grad_clip of the "clip" configurations
+DROPOUT = 0.25      # the probability of the dropout configurations
 
 
 def _grid_fastrnns():
@@ -226,6 +231,8 @@ def build_case(config: Config, provider: str, device: torch.device, seed: int = 
         kwargs["proj_size"] = config.proj
     if config.feature == "clip" and provider == "fastrnn":
         kwargs["recurrent_grad_clip"] = CLIP
+    if config.feature in RANDOM and provider == "fastrnn":
+        kwargs[config.feature] = DROPOUT
     torch.manual_seed(seed)
     cls = getattr(library, CELL_CLASSES[config.mode])
     module = cls(config.I, config.H, **kwargs).to(device=device, dtype=config.torch_dtype)
@@ -272,7 +279,12 @@ def _with_feature(case: Case, config: Config, provider: str, g: torch.Generator)
         elif feature == "states":
             case.call = lambda m, x, hx: _flat(m(x, hx, return_states=True))
         return
-    case.call = _stepped if feature == "states" else _CellLoop(case.module, done, feature)
+    if feature == "states":
+        case.call = _stepped
+    elif feature == "weight_dropout":
+        case.call = _WeightDrop(case.module)
+    else:
+        case.call = _CellLoop(case.module, done, feature)
 
 
 def _flat(result) -> list:
@@ -314,6 +326,10 @@ class _CellLoop:
         for k, cell in enumerate(self.cells):
             h = h0[k]
             c = c0[k] if self.is_lstm else None
+            mask = None
+            if self.feature == "recurrent_dropout":  # one mask per call and layer
+                mask = torch.nn.functional.dropout(torch.ones_like(h), DROPOUT,
+                                                   self.layer.training)
             ys = []
             for t in range(x.shape[0]):
                 if self.done is not None:
@@ -321,15 +337,37 @@ class _CellLoop:
                     h = h * keep
                     c = c * keep if c is not None else None
                 h = self._clip(h)
+                h_in = h if mask is None else h * mask
                 if self.is_lstm:
-                    h, c = cell(x[t], (h, self._clip(c)))
+                    h, c = cell(x[t], (h_in, self._clip(c)))
                 else:
-                    h = cell(x[t], h)
+                    h = cell(x[t], h_in)
                 ys.append(h)
             x = torch.stack(ys)
             h_n.append(h)
             c_n.append(c)
         return [x, torch.stack(h_n)] + ([torch.stack(c_n)] if self.is_lstm else [])
+
+
+class _WeightDrop:
+    """AWD-LSTM's WeightDrop, as users copy it: each ``weight_hh_l{k}`` becomes a raw parameter,
+    and before every call a dropped-out copy is set as the module's attribute."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.names = [f"weight_hh_l{k}" for k in range(module.num_layers)]
+        for name in self.names:
+            w = getattr(module, name)
+            del module._parameters[name]
+            module.register_parameter(name + "_raw", torch.nn.Parameter(w.data))
+            setattr(module, name, w.data)
+
+    def __call__(self, module, x, hx):
+        for name in self.names:
+            setattr(module, name, torch.nn.functional.dropout(getattr(module, name + "_raw"),
+                                                              DROPOUT, module.training))
+        with warnings.catch_warnings():  # cuDNN: the weights are not one contiguous chunk
+            warnings.simplefilter("ignore", UserWarning)
+            return _flat(module(x, hx))
 
 
 def _stepped(module, x, hx):
@@ -480,7 +518,7 @@ def measure(config: Config, device: torch.device, budget_s: float = 0.25) -> lis
                         error = _first_line(e)
             records.append(_record(config, provider, phase, ms, mem, device, note, error))
     diff = None
-    if "fastrnn" in outputs and "torch.nn" in outputs:
+    if "fastrnn" in outputs and "torch.nn" in outputs and config.feature not in RANDOM:
         diff = max((a - b).abs().max().item() for a, b in zip(outputs["fastrnn"],
                                                                 outputs["torch.nn"]))
     for r in records:

@@ -66,13 +66,20 @@ def convert(module: nn.Module) -> nn.Module:
 
 def to_torch(module: nn.Module) -> nn.Module:
     """The way back: replace every fastrnn layer and cell with its torch.nn class. A layer with
-    an option torch.nn cannot express (``recurrent_grad_clip``) is refused, before anything is
-    swapped."""
+    an option torch.nn cannot express (``recurrent_grad_clip``, ``weight_dropout``,
+    ``recurrent_dropout``) is refused, before anything is swapped."""
     for name, m in module.named_modules():
-        clip = getattr(m, "recurrent_grad_clip", None)
-        if _target_class(m, TO_TORCH) is not None and clip is not None:
-            where = f" ({name})" if name else ""
-            raise ValueError(
-                f"fastrnn.to_torch: {type(m).__name__}{where} has recurrent_grad_clip={clip}, "
-                f"which torch.nn cannot express; set it to None to convert it")
+        if _target_class(m, TO_TORCH) is None:
+            continue
+        for option, off in _OPTIONS:
+            value = getattr(m, option, off)
+            if value != off:
+                where = f" ({name})" if name else ""
+                raise ValueError(
+                    f"fastrnn.to_torch: {type(m).__name__}{where} has {option}={value}, which "
+                    f"torch.nn cannot express; set it to {off} to convert it")
     return _swap(module, TO_TORCH)
+
+
+# fastrnn's options beyond torch.nn, with the value that turns each off.
+_OPTIONS = (("recurrent_grad_clip", None), ("weight_dropout", 0.0), ("recurrent_dropout", 0.0))

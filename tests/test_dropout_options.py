@@ -247,3 +247,18 @@ def test_torch_backend_refuses_dropout_in_training_only(monkeypatch):
         m(x)
     m.eval()
     m(x)  # eval: no mask, torch.nn's layer
+
+
+def test_to_torch_refuses_dropout_options_and_convert_adds_none():
+    model = nn.Sequential(fastrnn.LSTM(3, 4, recurrent_dropout=0.1))
+    with pytest.raises(ValueError, match=r"LSTM \(0\) has recurrent_dropout=0.1, which torch.nn "
+                                         "cannot express; set it to 0.0"):
+        fastrnn.to_torch(model)
+    assert type(model[0]) is fastrnn.LSTM
+    model[0].recurrent_dropout = 0.0
+    fastrnn.to_torch(model)
+    fastrnn.convert(model)
+    assert model[0].weight_dropout == 0.0 == model[0].recurrent_dropout
+    assert "weight_dropout" not in repr(model[0]) and "recurrent_dropout" not in repr(model[0])
+    fresh = fastrnn.convert(nn.GRU(3, 4))   # converted from torch.nn: none of the options
+    assert fresh._dropout_masks(2, fresh.weight_hh_l0) is None and "dropout" not in repr(fresh)
