@@ -83,11 +83,22 @@ def _strategy(mode: int, h0: Tensor, w_hh: Tensor) -> str:
     return dispatch.resolve(mode, B, w_hh.shape[1] // G, P, D, w_hh.dtype, h0.device)
 
 
+def _zone_args(spec) -> tuple:
+    """``(zh, zc, z_h, z_c)`` of the recurrence op from one layer's ``(zh, zc)``."""
+    if spec is None:
+        return None, None, 0.0, 0.0
+    out_masks, out_p = [], []
+    for z in spec:
+        out_masks.append(z if isinstance(z, Tensor) else None)
+        out_p.append(0.0 if isinstance(z, Tensor) or z is None else float(z))
+    return out_masks[0], out_masks[1], out_p[0], out_p[1]
+
+
 def rnn(mode: int, input: Tensor, hx: Tensor, cx: Tensor | None, weights: list[Tensor], *,
         hidden_size: int, num_layers: int, bias: bool, batch_first: bool, dropout: float,
         training: bool, bidirectional: bool, proj_size: int = 0,
         lengths: Tensor | None = None, resets: Tensor | None = None, clip: float = 0.0,
-        states: bool = False, masks: list | None = None):
+        states: bool = False, masks: list | None = None, zoneout: list | None = None):
     """Run a multi-layer RNN/LSTM/GRU on a padded 3-D input.
 
     ``input`` is ``[B, T, I]`` if ``batch_first`` else ``[T, B, I]``; ``hx`` is
@@ -99,7 +110,9 @@ def rnn(mode: int, input: Tensor, hx: Tensor, cx: Tensor | None, weights: list[T
     episode where true, in every layer; ``clip`` > 0 clamps the recurrent gradient; ``states``
     adds every step's states, time-major: ``(output, h_n, c_n, h_all [T, L*D, B, P],
     c_all [T, L*D, B, H] | None)``; ``masks`` per layer ``(wmask, rmask)`` (weight and recurrent
-    dropout, ``fastrnn.reference.dropout_masks``) or None. See ``fastrnn.reference``.
+    dropout, ``fastrnn.reference.dropout_masks``) or None; ``zoneout`` per layer ``(zh, zc)``
+    (``fastrnn.reference.zoneout_masks``: masks in training, probabilities in eval) or None. See
+    ``fastrnn.reference``.
     """
     num_directions = 2 if bidirectional else 1
     dtype = _compute_dtype(input)
@@ -129,7 +142,8 @@ def rnn(mode: int, input: Tensor, hx: Tensor, cx: Tensor | None, weights: list[T
         strategy = _strategy(mode, h0, w_hh)
         y, hn, cn, _, cell = recurrence(x.transpose(0, 1) if batch_first else x, w_ih, b_x, h0,
                                         c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save,
-                                        strategy, resets, clip, rmask)
+                                        strategy, resets, clip, rmask,
+                                        *_zone_args(zoneout[layer] if zoneout else None))
         if states:
             h_all.append(y.unflatten(-1, (num_directions, -1)).transpose(1, 2))
             if is_lstm:

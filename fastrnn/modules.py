@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import _modes, functional
 from .backend import announce, get_backend, use_kernels
-from .reference import clip_grad, dropout_masks
+from .reference import clip_grad, dropout_masks, zoneout_masks
 
 _TORCH_FORWARD = {
     "RNN_TANH": nn.RNN.forward,
@@ -124,19 +124,38 @@ class _RNNBase(_ClipOption, nn.RNNBase):
     """What fastrnn's RNN, LSTM and GRU share: the forward pass, and the options beyond
     torch.nn."""
 
-    def __init__(self, mode, *args, weight_dropout=0.0, recurrent_dropout=0.0, **kwargs):
+    def __init__(self, mode, *args, weight_dropout=0.0, recurrent_dropout=0.0, zoneout=0.0,
+                 **kwargs):
         weight_dropout = _check_probability("weight_dropout", weight_dropout)
         recurrent_dropout = _check_probability("recurrent_dropout", recurrent_dropout)
+        if isinstance(zoneout, (tuple, list)):
+            if mode != "LSTM" or len(zoneout) != 2:
+                raise ValueError("zoneout takes a pair (z_h, z_c) for an LSTM only; give one "
+                                 f"probability for {mode.split('_')[0]}" if mode != "LSTM" else
+                                 f"zoneout=(z_h, z_c) takes two probabilities, got {zoneout!r}")
+            zoneout = tuple(_check_probability("zoneout", z) for z in zoneout)
+        else:
+            zoneout = _check_probability("zoneout", zoneout)
         super().__init__(mode, *args, **kwargs)
         self.weight_dropout = weight_dropout
         self.recurrent_dropout = recurrent_dropout
+        self.zoneout = zoneout
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
-        for name in ("weight_dropout", "recurrent_dropout"):
+        for name in ("weight_dropout", "recurrent_dropout", "zoneout"):
             if getattr(self, name, 0.0):
                 s += f", {name}={getattr(self, name)}"
         return s
+
+    def _zoneout(self, T: int, B: int, like: torch.Tensor):
+        """Per layer (zh, zc) for the kernels: masks in training, probabilities in eval."""
+        z = getattr(self, "zoneout", 0.0)
+        z_h, z_c = z if isinstance(z, tuple) else (z, z if self.mode == "LSTM" else 0.0)
+        D = 2 if self.bidirectional else 1
+        return zoneout_masks(z_h, z_c, self.num_layers, T, B, D, self.hidden_size,
+                             self.proj_size or self.hidden_size, self.training, like,
+                             self.mode == "LSTM")
 
     def _dropout_masks(self, B: int, like: torch.Tensor):
         """This call's weight and recurrent dropout masks (training mode), or None."""
@@ -150,7 +169,7 @@ class _RNNBase(_ClipOption, nn.RNNBase):
     def __setstate__(self, state):
         super().__setstate__(state)
         for name, default in (("recurrent_grad_clip", None), ("weight_dropout", 0.0),
-                              ("recurrent_dropout", 0.0)):
+                              ("recurrent_dropout", 0.0), ("zoneout", 0.0)):
             self.__dict__.setdefault(name, default)
 
     def flatten_parameters(self) -> None:
@@ -195,14 +214,16 @@ class _RNNBase(_ClipOption, nn.RNNBase):
         kernels = use_kernels(data.device)
         announce(type(self).__name__, data.device, kernels)
         clip = getattr(self, "recurrent_grad_clip", None)
-        dropping = self.training and (getattr(self, "weight_dropout", 0.0)
-                                      or getattr(self, "recurrent_dropout", 0.0))
+        dropping = (self.training and (getattr(self, "weight_dropout", 0.0)
+                                       or getattr(self, "recurrent_dropout", 0.0))
+                    or getattr(self, "zoneout", 0.0))
         if not kernels:
             if resets is not None or return_states or clip is not None or dropping:
                 raise RuntimeError(
-                    f"fastrnn: resets, return_states, recurrent_grad_clip, weight_dropout and "
-                    f"recurrent_dropout run in fastrnn's kernels, which do not run here (backend "
-                    f"{get_backend()!r} for {data.device.type} tensors; torch.nn has no such "
+                    f"fastrnn: resets, return_states, recurrent_grad_clip, weight_dropout, "
+                    f"recurrent_dropout and zoneout run in fastrnn's kernels, which do not run "
+                    f"here (backend {get_backend()!r} for {data.device.type} tensors; torch.nn "
+                    "has no such "
                     "options). Use CUDA tensors, or set TRITON_INTERPRET=1 before importing "
                     "fastrnn to run the kernels on the CPU.")
             return _TORCH_FORWARD[self.mode](self, input, hx)
@@ -290,7 +311,8 @@ class _RNNBase(_ClipOption, nn.RNNBase):
             num_layers=self.num_layers, bias=self.bias, batch_first=batch_first,
             dropout=self.dropout, training=self.training, bidirectional=self.bidirectional,
             proj_size=self.proj_size, lengths=lengths, resets=resets, clip=clip or 0.0,
-            states=return_states, masks=self._dropout_masks(h0.shape[1], weights[1]))
+            states=return_states, masks=self._dropout_masks(h0.shape[1], weights[1]),
+            zoneout=self._zoneout(x.shape[1 if batch_first else 0], h0.shape[1], weights[1]))
         output, h_n, c_n = out[:3]
         hidden = (h_n, c_n) if is_lstm else h_n
         states = self._states(out[3], out[4], lengths, unsorted_indices,

@@ -34,6 +34,11 @@ Beyond torch.nn (opt-in; the defaults are torch.nn's maths):
   entering the recurrent product is ``rmask * h``, the same mask at every step of a sequence
   (entries 0 or 1 / (1 - p): inverted dropout); GRU's update ``z * h`` and the outputs take h
   itself.
+* ``zoneout`` ``(zh, zc)`` (Krueger et al.): per step and unit, keep the previous state with
+  factor d: ``c_t = d_c * c_{t-1} + (1 - d_c) * c~`` and ``h_t = d_h * h_{t-1} + (1 - d_h) * h~``,
+  where ``c~ = f * c_{t-1} + i * g`` and ``h~`` is the cell's new state (an LSTM's
+  ``o * tanh(c~)``, projected with proj_size). Training: d is a 0/1 mask ``[T, B, D, ·]``; eval:
+  d is the probability z (a number). The layer's output at t is the zoned h_t.
 * ``weight_dropout`` (DropConnect on W_hh, AWD-LSTM's WeightDrop) is no recurrence of its own:
   the layer runs with ``W_hh * wmask`` (``dropout_masks``), one mask per call.
 """
@@ -111,11 +116,19 @@ def cell_step(mode: int, xg: Tensor, h: Tensor, c: Tensor | None, w_hh: Tensor,
     raise ValueError(f"unknown mode {mode}")
 
 
+def _zone(z, t: int, d: int, old: Tensor, new: Tensor) -> Tensor:
+    """Zoneout of one step and direction: ``z`` a mask [T, B, D, ·] or a probability."""
+    if z is None:
+        return new
+    keep = z[t, :, d].to(new.dtype) if isinstance(z, Tensor) else z
+    return keep * old + (1 - keep) * new
+
+
 def recurrence_reference(mode: int, xg: Tensor, h0: Tensor, c0: Tensor | None, w_hh: Tensor,
                          b_hn: Tensor | None = None, w_hr: Tensor | None = None,
                          lengths: Tensor | None = None, resets: Tensor | None = None,
                          clip: float | None = None, states: bool = False,
-                         rmask: Tensor | None = None):
+                         rmask: Tensor | None = None, zoneout=None):
     """Reference for the recurrence op. Returns ``(y [T, B, D*P], h_n [D, B, P], c_n [D, B, H] |
     None)``, and with ``states`` also every step's cell state ``[T, B, D, H] | None``."""
     T, B, _ = xg.shape
@@ -139,6 +152,10 @@ def recurrence_reference(mode: int, xg: Tensor, h0: Tensor, c0: Tensor | None, w
                                      c, w_hh[d], None if b_hn is None else b_hn[d],
                                      None if w_hr is None else w_hr[d],
                                      None if rmask is None else rmask[d])
+            if zoneout is not None:
+                h_new = _zone(zoneout[0], t, d, h, h_new)
+                if c is not None:
+                    c_new = _zone(zoneout[1], t, d, c, c_new)
             if lengths is not None:
                 active = (t < lengths.to(h.device))[:, None]
                 h_new = torch.where(active, h_new, h)
@@ -161,7 +178,8 @@ def recurrence_reference(mode: int, xg: Tensor, h0: Tensor, c0: Tensor | None, w
 
 def rnn_reference(mode: int, x: Tensor, params: dict, num_layers: int, bidirectional: bool,
                   hx=None, lengths: Tensor | None = None, resets: Tensor | None = None,
-                  clip: float | None = None, states: bool = False, masks=None):
+                  clip: float | None = None, states: bool = False, masks=None,
+                  zoneout=None):
     """A torch.nn RNN/LSTM/GRU stack in plain PyTorch (no dropout): what the layers compute.
 
     ``x`` is ``[T, B, I]`` (time-major), ``params`` the module's parameters by torch.nn's names
@@ -173,7 +191,8 @@ def rnn_reference(mode: int, x: Tensor, params: dict, num_layers: int, bidirecti
     docstring); with ``states`` the result also holds every step's states of every layer,
     ``h_all [T, L*D, B, P]`` and ``c_all [T, L*D, B, H] | None`` (what ``return_states=True``
     returns, time-major). ``masks``: per layer ``(wmask [D, G*H, P] | None, rmask [D, B, P] |
-    None)`` (``dropout_masks``; weight and recurrent dropout), or None.
+    None)`` (``dropout_masks``; weight and recurrent dropout), or None. ``zoneout`` per layer
+    ``(zh, zc)`` (masks ``[T, B, D, ·]`` or probabilities), or None.
 
     Each layer feeds the next; direction d's input projection is ``x W_ih^T + b_ih`` plus the
     parts of ``b_hh`` that sit outside the reset gate (all of it but ``b_hn`` for a GRU).
@@ -219,7 +238,7 @@ def rnn_reference(mode: int, x: Tensor, params: dict, num_layers: int, bidirecti
             mode, torch.cat(xgs, dim=-1), h0[rows], None if c0 is None else c0[rows],
             w_hh, torch.stack(b_hn) if b_hn else None,
             torch.stack(w_hr) if w_hr else None, lengths, resets, clip, states=True,
-            rmask=rmask)
+            rmask=rmask, zoneout=None if zoneout is None else zoneout[layer])
         h_n.append(hn)
         h_all.append(y.unflatten(-1, (D, P)).transpose(1, 2))
         if cn is not None:
@@ -249,3 +268,21 @@ def dropout_masks(weight_dropout: float, recurrent_dropout: float, num_layers: i
 
     return [(mask(weight_dropout, (D, G * H, P)), mask(recurrent_dropout, (D, B, P)))
             for _ in range(num_layers)]
+
+
+def zoneout_masks(z_h: float, z_c: float, num_layers: int, T: int, B: int, D: int, H: int,
+                  P: int, training: bool, like: Tensor, lstm: bool) -> list | None:
+    """Per layer ``(zh, zc)`` for ``zoneout``: in training, 0/1 masks ``[T, B, D, P]`` and
+    ``[T, B, D, H]`` (1 with probability z: keep the previous state), bool, drawn from torch's
+    generator in layer order; in eval, the probabilities themselves. None where both are 0."""
+    if not (z_h or z_c):
+        return None
+    if not training:
+        return [(z_h or None, (z_c or None) if lstm else None)] * num_layers
+
+    def mask(z, width):
+        if not z:
+            return None
+        return like.new_empty(T, B, D, width).bernoulli_(z).to(torch.bool)
+
+    return [(mask(z_h, P), mask(z_c, H) if lstm else None) for _ in range(num_layers)]

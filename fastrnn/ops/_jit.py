@@ -173,6 +173,18 @@ def entering_reset(rs_ptr, stride_rt, stride_rb, s, i_d, T, o_b, m_b):
 
 
 @triton.jit
+def zone_factor(p, offsets, m, z, Z: tl.constexpr):
+    """Zoneout's keep factor d for a tile (``zoneout``): the step's 0/1 mask at ``p + offsets``
+    (Z == 1, training) or the probability ``z`` itself (Z == 2, eval; ``p`` is None then). Z == 0
+    never calls it."""
+    if Z == 1:
+        d = tl.load(p + offsets, mask=m, other=0).to(tl.float32)
+    else:
+        d = z
+    return d
+
+
+@triton.jit
 def clamp_grad(g, clip, CLIP: tl.constexpr):
     """The recurrent gradient clamped to [-clip, clip] (``recurrent_grad_clip``); NaN stays NaN,
     as torch.clamp."""

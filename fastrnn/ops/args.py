@@ -43,6 +43,13 @@ class _Common:
     def is_lstm(self) -> bool:
         return self.mode == _modes.LSTM
 
+    def zone_args(self) -> dict:
+        """Zoneout's kernel arguments: ZH / ZC are 0 (off), 1 (a mask per step) or 2 (eval: the
+        probability as the factor)."""
+        return dict(zh_ptr=self.zh, zc_ptr=self.zc, z_h=self.z_h, z_c=self.z_c,
+                    ZH=1 if self.zh is not None else 2 if self.z_h else 0,
+                    ZC=1 if self.zc is not None else 2 if self.z_c else 0)
+
     def reset_args(self) -> dict:
         """The kernels' episode-start arguments (a null pointer without resets)."""
         r = self.resets
@@ -76,6 +83,10 @@ class ForwardArgs(_Common):
     save: bool
     resets: Optional[Tensor] = None
     rmask: Optional[Tensor] = None   # [D, B, P] recurrent dropout (W_hh's dtype)
+    zh: Optional[Tensor] = None      # [T, B, D, P] uint8 zoneout keep mask of h (training)
+    zc: Optional[Tensor] = None      # [T, B, D, H] uint8 zoneout keep mask of c (training)
+    z_h: float = 0.0                 # zoneout probabilities (eval: the keep factors)
+    z_c: float = 0.0
 
     @property
     def ACC(self):
@@ -104,6 +115,10 @@ class BackwardArgs(_Common):
     dcell: Optional[Tensor] = None   # [T, B, D, H] contiguous, accumulation dtype
     clip: float = 0.0                # recurrent_grad_clip (0: none)
     rmask: Optional[Tensor] = None   # [D, B, P] recurrent dropout (W_hh's dtype)
+    zh: Optional[Tensor] = None      # [T, B, D, P] uint8 zoneout keep mask of h (training)
+    zc: Optional[Tensor] = None      # [T, B, D, H] uint8 zoneout keep mask of c (training)
+    z_h: float = 0.0                 # zoneout probabilities (eval: the keep factors)
+    z_c: float = 0.0
 
     @property
     def ACC(self):

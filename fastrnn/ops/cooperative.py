@@ -39,7 +39,7 @@ import triton.language as tl
 
 from ._jit import (LSTM, GRU, cell_backward, cell_forward, clamp_grad, entering_reset,
                    load_gate_tiles, load_gates, next_time, positive, prev_time, save_gates,
-                   split_gates, step_time, store_gates)
+                   split_gates, step_time, store_gates, zone_factor)
 from .args import BackwardArgs, ForwardArgs, acc_dtype
 from .select import (DeviceSpec, DoesNotFit, KernelConfig, Plan, Problem, block, describe,
                      fast_activations, launch_kernel, operand_copies)
@@ -120,6 +120,7 @@ def _recurrence_fwd_coop_kernel(
     w_hh_ptr, b_hn_ptr, len_ptr,       # [D, G*H, H], [D, H], [B]
     rs_ptr, stride_rt, stride_rb,      # [T, B] uint8 episode starts (resets)
     rm_ptr,                            # [D, B, H] recurrent dropout mask
+    zh_ptr, zc_ptr, z_h, z_c,          # zoneout: [T, B, D, H] uint8 masks, or factors
     h0_ptr, c0_ptr,                    # [D, B, H] initial states (what a reset brings back)
     y_ptr, stride_yt, stride_yb,       # [T, B, D*H]
     gates_ptr, cell_ptr,               # saved for backward: [T, B, D, NSAVE*H], [T, B, D, H]
@@ -132,7 +133,7 @@ def _recurrence_fwd_coop_kernel(
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
     SYNC: tl.constexpr,
     HAS_BHN: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr,
-    HAS_RMASK: tl.constexpr, FAST: tl.constexpr,
+    HAS_RMASK: tl.constexpr, ZH: tl.constexpr, ZC: tl.constexpr, FAST: tl.constexpr,
 ):
     i_j = tl.program_id(0)             # hidden slice owned by this program
     i_bt = tl.program_id(1)            # batch tile of the group
@@ -207,9 +208,19 @@ def _recurrence_fwd_coop_kernel(
                 act = (t < tl.load(len_ptr + o_n, mask=m_n, other=0))[None, :]
             else:
                 act = m_n[None, :]
+            p_row = (t64 * B + on64)[None, :] * D + i_d  # row of the saved-activation tensors
+            if ZH != 0:  # zoneout: keep the previous state with factor d_h
+                if SAVE and CELL != LSTM and CELL != GRU:  # an RNN's backward needs the new h
+                    tl.store(cell_ptr + p_row * H + o_u[:, None],
+                             h_new.to(cell_ptr.dtype.element_ty), mask=m_un,
+                             eviction_policy="evict_first")
+                h_new = h_new + zone_factor(zh_ptr, p_row * H + o_u[:, None], m_un, z_h,
+                                            ZH) * (h_prev - h_new)
+            if CELL == LSTM and ZC != 0:
+                c_new = c_new + zone_factor(zc_ptr, p_row * H + o_u[:, None], m_un, z_c,
+                                            ZC) * (c_prev - c_new)
             # The state is stored, and carried, at the precision of the layer's dtype.
             h_new = tl.where(act, h_new.to(Y_DTYPE).to(ACC), h_prev)
-            p_row = (t64 * B + on64)[None, :] * D + i_d  # row of the saved-activation tensors
             if SAVE and NSAVE > 0:
                 save_gates(gates_ptr + p_row * (NSAVE * H) + o_u[:, None], s0, s1, s2, s3, m_un, H)
             h_next = h_new
@@ -253,6 +264,7 @@ def _recurrence_bwd_coop_kernel(
     w_hh_ptr, len_ptr,
     rs_ptr, stride_rt, stride_rb,      # [T, B] uint8 episode starts (resets)
     rm_ptr,                            # [D, B, H] recurrent dropout mask
+    zh_ptr, zc_ptr, z_h, z_c,          # zoneout: [T, B, D, H] uint8 masks, or factors
     dcell_ptr,                         # [T, B, D, H] gradient of every step's cell state
     dgx_ptr, dgh_ptr,                  # [T, B, D, G*H]
     dh0_ptr, dc0_ptr,                  # [D, B, H]
@@ -266,7 +278,8 @@ def _recurrence_bwd_coop_kernel(
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
     SYNC: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, HAS_RMASK: tl.constexpr,
-    HAS_DCELL: tl.constexpr, CLIP: tl.constexpr, FAST: tl.constexpr,
+    HAS_DCELL: tl.constexpr, CLIP: tl.constexpr, ZH: tl.constexpr, ZC: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     """Backward step k undoes forward step s = T-1-k. Each step first completes dh of the state
     it produced, ``dh_t = dy_t + keep_t + sum_g dG_{t+1,g} W_g[:, own]`` (the previous step's gate
@@ -366,6 +379,10 @@ def _recurrence_bwd_coop_kernel(
                                                           T, o_n, m_n)[None, :] == 0)
                 p_row = (t64 * B + on64)[None, :] * D + i_d
                 p_row_prev = (t_prev * B + on64)[None, :] * D + i_d
+                dh_zone = dh * 0.0
+                if ZH != 0:  # zoneout: d_h * dh to the state before, the rest to the new one
+                    dh_zone = zone_factor(zh_ptr, p_row * H + o_u[:, None], m_un, z_h, ZH) * dh
+                    dh = dh - dh_zone
                 s0, s1, s2, s3 = dh, dh, dh, dh
                 if CELL == LSTM or CELL == GRU:
                     s0, s1, s2, s3 = load_gates(gates_ptr + p_row * (NSAVE * H) + o_u[:, None],
@@ -383,11 +400,19 @@ def _recurrence_bwd_coop_kernel(
                     c_prev = tl.where(has_prev, tl.load(cell_ptr + p_row_prev * H + o_u[:, None],
                                                         mask=m_un & has_prev, other=0.0).to(ACC),
                                       tl.load(c0_ptr + state, mask=m_un, other=0.0).to(ACC))
+                    if ZC != 0:  # the saved c_t is zoned: the cell's own c~ = f c_prev + i g
+                        dc_zone = zone_factor(zc_ptr, p_row * H + o_u[:, None], m_un, z_c,
+                                              ZC) * dc
+                        dc = dc - dc_zone
+                        c_t = s1 * c_prev + s0 * s2
                 elif CELL == GRU:
                     h_prev = tl.where(has_prev, tl.load(
                         y_ptr + t_prev * stride_yt + on64[None, :] * stride_yb + i_d * H
                         + o_u[:, None], mask=m_un & has_prev, other=0.0).to(ACC),
                         tl.load(h0_ptr + state, mask=m_un, other=0.0).to(ACC))
+                elif ZH != 0:  # an RNN's new state before zoneout, saved by the forward
+                    h_t = tl.load(cell_ptr + p_row * H + o_u[:, None], mask=m_un,
+                                  other=0.0).to(ACC)
                 else:
                     h_t = tl.load(y_ptr + t64 * stride_yt + on64[None, :] * stride_yb + i_d * H
                                   + o_u[:, None], mask=m_un, other=0.0).to(ACC)
@@ -397,6 +422,10 @@ def _recurrence_bwd_coop_kernel(
                     act = m_un
                 g0, g1, g2, g3, gh2, dh_keep, dc_prev = cell_backward(
                     dh, dc, s0, s1, s2, s3, c_t, c_prev, h_prev, h_t, act, CELL, FAST)
+                if ZH != 0:
+                    dh_keep += dh_zone
+                if CELL == LSTM and ZC != 0:
+                    dc_prev += dc_zone
                 p_dg = dgx_ptr + p_row * GH + o_u[:, None]
                 p_buf = gbuf_ptr + ((slot * D + i_d) * B + on64)[None, :] * GH + o_u[:, None]
                 if G == 1:
@@ -590,6 +619,7 @@ def forward(a: ForwardArgs, the_plan: Plan) -> None:
             _recurrence_fwd_coop_kernel, (nj, nbt, a.D),
             xg_ptr=a.xg, stride_xt=a.xg.stride(0), stride_xb=a.xg.stride(1),
             w_hh_ptr=a.w_hh, b_hn_ptr=a.b_hn, len_ptr=a.lengths, **a.reset_args(), rm_ptr=a.rmask,
+            **a.zone_args(),
             h0_ptr=a.h0, c0_ptr=a.c0, y_ptr=a.y, stride_yt=a.y.stride(0), stride_yb=a.y.stride(1),
             gates_ptr=a.gates, cell_ptr=a.cell, hbuf_ptr=hbuf, cbuf_ptr=cbuf,
             flags_ptr=flags, err_ptr=err, wait_ns=wait, s_begin=first, s_end=last + 1, T=a.T, B=a.B, H=a.H,
@@ -623,6 +653,7 @@ def backward(b: BackwardArgs, the_plan: Plan) -> None:
             y_ptr=b.y, stride_yt=b.y.stride(0), stride_yb=b.y.stride(1),
             h0_ptr=b.h0, c0_ptr=b.c0, gates_ptr=b.gates, cell_ptr=b.cell,
             w_hh_ptr=b.w_hh, len_ptr=b.lengths, **b.reset_args(), rm_ptr=b.rmask,
+            **b.zone_args(),
             dcell_ptr=b.dcell,
             dgx_ptr=b.dgx, dgh_ptr=b.dgh,
             dh0_ptr=b.dh0, dc0_ptr=b.dc0, gbuf_ptr=gbuf, dhbuf_ptr=dhbuf, dcbuf_ptr=dcbuf,

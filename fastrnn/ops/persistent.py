@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ._jit import (LSTM, GRU, cell_backward, cell_forward, clamp_grad, entering_reset,
                    load_gate_tiles, load_gates, positive, prev_time, recurrent_products, save_gates,
-                   step_time, store_gates)
+                   step_time, store_gates, zone_factor)
 from .args import BackwardArgs, ForwardArgs
 from .select import (DeviceSpec, DoesNotFit, KernelConfig, Plan, Problem, block,
                      fast_activations, launch_kernel, operand_copies)
@@ -41,6 +41,7 @@ def _recurrence_fwd_persistent_kernel(
     len_ptr,                           # [B] int32 sequence lengths (packed input)
     rs_ptr, stride_rt, stride_rb,      # [T, B] uint8 episode starts (resets)
     rm_ptr,                            # [D, B, P] recurrent dropout mask
+    zh_ptr, zc_ptr, z_h, z_c,          # zoneout: [T, B, D, P], [T, B, D, H] uint8, or factors
     y_ptr, stride_yt, stride_yb,       # [T, B, D*P] states after every step
     hn_ptr, cn_ptr,                    # [D, B, P], [D, B, H] final states
     gates_ptr, cell_ptr,               # [T, B, D, NSAVE*H], [T, B, D, H] saved for backward
@@ -49,7 +50,8 @@ def _recurrence_fwd_persistent_kernel(
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
     HAS_BHN: tl.constexpr, HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    HAS_RESETS: tl.constexpr, HAS_RMASK: tl.constexpr, FAST: tl.constexpr,
+    HAS_RESETS: tl.constexpr, HAS_RMASK: tl.constexpr, ZH: tl.constexpr, ZC: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     i_b = tl.program_id(0)
     i_d = tl.program_id(1)
@@ -117,6 +119,9 @@ def _recurrence_fwd_persistent_kernel(
             if HAS_PROJ:
                 h_new = tl.dot(tl.where(m_bh, h_new, 0.0).to(W_DTYPE), b_wr,
                                input_precision=PRECISION).to(ACC)
+            if ZC != 0:  # zoneout: keep the previous cell state with factor d_c
+                d_c = zone_factor(zc_ptr, p_row * H + o_h[None, :], m_bh, z_c, ZC)
+                c_new = c_new + d_c * (c - c_new)
             if HAS_LENGTHS:
                 c = tl.where((t < b_len)[:, None], c_new, c)
             else:
@@ -125,6 +130,12 @@ def _recurrence_fwd_persistent_kernel(
                 # The carried state: backward reads it as the cell state before the next step.
                 tl.store(cell_ptr + p_row * H + o_h[None, :], c.to(cell_ptr.dtype.element_ty),
                          mask=m_bh, eviction_policy="evict_first")
+        if ZH != 0:  # zoneout: keep the previous state with factor d_h
+            if SAVE and CELL != LSTM and CELL != GRU:  # an RNN's backward needs the new state
+                tl.store(cell_ptr + p_row * H + o_h[None, :], h_new.to(cell_ptr.dtype.element_ty),
+                         mask=m_bh, eviction_policy="evict_first")
+            d_h = zone_factor(zh_ptr, p_row * P + o_p[None, :], m_bp, z_h, ZH)
+            h_new = h_new + d_h * (h - h_new)
         # The state is stored, and carried, at the precision of the layer's dtype.
         h_new = h_new.to(Y_DTYPE).to(ACC)
         if HAS_LENGTHS:
@@ -150,6 +161,7 @@ def _recurrence_bwd_persistent_kernel(
     w_hh_ptr, w_hr_ptr, len_ptr,
     rs_ptr, stride_rt, stride_rb,      # [T, B] uint8 episode starts (resets)
     rm_ptr,                            # [D, B, P] recurrent dropout mask
+    zh_ptr, zc_ptr, z_h, z_c,          # zoneout: [T, B, D, P], [T, B, D, H] uint8, or factors
     dcell_ptr,                         # [T, B, D, H] gradient of every step's cell state
     dgx_ptr, dgh_ptr,                  # [T, B, D, G*H] grads of xg and of W_hh h (+ b_hh)
     dhp_ptr,                           # [T, B, D, P] total dh per step (projection only)
@@ -160,7 +172,8 @@ def _recurrence_bwd_persistent_kernel(
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
     HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr,
-    HAS_RMASK: tl.constexpr, HAS_DCELL: tl.constexpr, CLIP: tl.constexpr, FAST: tl.constexpr,
+    HAS_RMASK: tl.constexpr, HAS_DCELL: tl.constexpr, CLIP: tl.constexpr, ZH: tl.constexpr,
+    ZC: tl.constexpr, FAST: tl.constexpr,
 ):
     i_b = tl.program_id(0)
     i_d = tl.program_id(1)
@@ -216,6 +229,10 @@ def _recurrence_bwd_persistent_kernel(
         p_row_prev = (t_prev * B + ob64)[:, None] * D + i_d
         dh = dh_c + tl.load(dy_ptr + t64 * stride_dyt + ob64[:, None] * stride_dyb + i_d * P
                             + o_p[None, :], mask=m_bp, other=0.0).to(ACC)
+        dh_zone = dh * 0.0
+        if ZH != 0:  # zoneout: d_h * dh straight to the state before, the rest to the new one
+            dh_zone = zone_factor(zh_ptr, p_row * P + o_p[None, :], m_bp, z_h, ZH) * dh
+            dh = dh - dh_zone
         if HAS_LENGTHS:
             row_act = (t < b_len)[:, None]
         else:
@@ -240,15 +257,23 @@ def _recurrence_bwd_persistent_kernel(
             c_t = tl.load(cell_ptr + p_row * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
             c_prev = tl.where(has_prev, tl.load(cell_ptr + p_row_prev * H + o_h[None, :],
                                                 mask=m_bh & has_prev, other=0.0).to(ACC), b_c0)
+            if ZC != 0:  # the saved c_t is zoned: the cell's own c~ = f * c_prev + i * g
+                dc_zone = zone_factor(zc_ptr, p_row * H + o_h[None, :], m_bh, z_c, ZC) * dc_c
+                dc_c = dc_c - dc_zone
+                c_t = s1 * c_prev + s0 * s2
         elif CELL == GRU:
             h_prev = tl.where(has_prev, tl.load(
                 y_ptr + t_prev * stride_yt + ob64[:, None] * stride_yb + i_d * P + o_p[None, :],
                 mask=m_bp & has_prev, other=0.0).to(ACC), b_h0)
+        elif ZH != 0:  # an RNN's new state before zoneout, saved by the forward
+            h_t = tl.load(cell_ptr + p_row * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
         else:
             h_t = tl.load(y_ptr + t64 * stride_yt + ob64[:, None] * stride_yb + i_d * P
                           + o_p[None, :], mask=m_bp, other=0.0).to(ACC)
         g0, g1, g2, g3, gh2, dh_keep, dc_c = cell_backward(dr, dc_c, s0, s1, s2, s3, c_t, c_prev,
                                                            h_prev, h_t, act, CELL, FAST)
+        if CELL == LSTM and ZC != 0:
+            dc_c += dc_zone
         p_dg = dgx_ptr + p_row * (G * H) + o_h[None, :]
         if G == 1:
             tl.store(p_dg, g0.to(G_DTYPE), mask=m_bh)
@@ -274,6 +299,8 @@ def _recurrence_bwd_persistent_kernel(
             dh_c = rec + tl.where(row_act, 0.0, dh)
         else:
             dh_c = rec + dh_keep
+        if ZH != 0:
+            dh_c += dh_zone
         # dh_c and dc_c now belong to the state that entered step s.
         dh_c = clamp_grad(dh_c, clip, CLIP)
         dc_c = clamp_grad(dc_c, clip, CLIP)
@@ -336,7 +363,7 @@ def forward(a: ForwardArgs, the_plan: Plan) -> None:
         _recurrence_fwd_persistent_kernel, (triton.cdiv(a.B, cfg.block_b), a.D),
         xg_ptr=a.xg, stride_xt=a.xg.stride(0), stride_xb=a.xg.stride(1),
         h0_ptr=a.h0, c0_ptr=a.c0, w_hh_ptr=a.w_hh, b_hn_ptr=a.b_hn, w_hr_ptr=a.w_hr,
-        len_ptr=a.lengths, **a.reset_args(), rm_ptr=a.rmask,
+        len_ptr=a.lengths, **a.reset_args(), rm_ptr=a.rmask, **a.zone_args(),
         y_ptr=a.y, stride_yt=a.y.stride(0), stride_yb=a.y.stride(1), hn_ptr=a.hn, cn_ptr=a.cn, gates_ptr=a.gates, cell_ptr=a.cell,
         T=a.T, B=a.B, H=a.H, P=a.P,
         CELL=a.mode, G=a.G, NSAVE=a.NSAVE, SAVE=a.save, ACC=a.ACC, PRECISION=a.precision,
@@ -353,6 +380,7 @@ def backward(b: BackwardArgs, the_plan: Plan) -> None:
         dhn_ptr=b.dhn, dcn_ptr=b.dcn, y_ptr=b.y, stride_yt=b.y.stride(0),
         stride_yb=b.y.stride(1), h0_ptr=b.h0, c0_ptr=b.c0, gates_ptr=b.gates, cell_ptr=b.cell,
         w_hh_ptr=b.w_hh, w_hr_ptr=b.w_hr, len_ptr=b.lengths, **b.reset_args(), rm_ptr=b.rmask,
+        **b.zone_args(),
         dcell_ptr=b.dcell, dgx_ptr=b.dgx, dgh_ptr=b.dgh, dhp_ptr=b.dhp, dh0_ptr=b.dh0,
         dc0_ptr=b.dc0, clip=b.clip,
         T=b.T, B=b.B, H=b.H, P=b.P,

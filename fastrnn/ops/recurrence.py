@@ -1,7 +1,7 @@
 """The recurrence op: the only place where time is sequential.
 
 ``recurrence(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save, strategy,
-resets, clip, rmask)`` runs one layer, all of its directions: one GEMM projects the input of every step and direction
+resets, clip, rmask, zh, zc, z_h, z_c)`` runs one layer, all of its directions: one GEMM projects the input of every step and direction
 (``xg = x W_ih^T + b_x``), then a Triton kernel runs the sequential part. It is a
 ``torch.library`` custom op (``fastrnn::recurrence``) with a fake implementation and registered
 autograd, so ``torch.compile`` traces it without graph breaks. Its backward is a second custom op,
@@ -26,7 +26,8 @@ b_x [D*G*H] (b_ih plus the parts of b_hh that can be pre-summed); h0 [D, B, P]; 
 lengths [B] int (packed input, sorted decreasing); resets [T, B] bool (a batch-major tensor seen
 time-major when batch_first: episode starts, ``fastrnn.reference``); clip > 0 clamps the recurrent
 gradient (``recurrent_grad_clip``; 0: none); rmask [D, B, P] multiplies the state entering the
-recurrent product (``recurrent_dropout``). Outputs: y [T, B, D*P] (batch-major memory when
+recurrent product (``recurrent_dropout``); zh [T, B, D, P] and zc [T, B, D, H] bool (training) or
+z_h and z_c (eval) are zoneout's keep factors. Outputs: y [T, B, D*P] (batch-major memory when
 batch_first), h_n [D, B, P], c_n [D, B, H], and the activations saved for backward: gates
 [T, B, D, NSAVE*H] and cell [T, B, D, H] (LSTM; every step's cell state, differentiable: what
 ``return_states`` returns); empty where not saved.
@@ -91,7 +92,7 @@ def gemm_precision(dtype: torch.dtype, device: torch.device):
             matmul.fp32_precision = old
 
 
-def _forward_outputs(mode, x, h0, w_hh, batch_first, save):
+def _forward_outputs(mode, x, h0, w_hh, batch_first, save, zoned=False):
     T, B = x.shape[0], x.shape[1]
     D, GH, P = w_hh.shape
     H = GH // _modes.NUM_GATES[mode]
@@ -105,9 +106,20 @@ def _forward_outputs(mode, x, h0, w_hh, batch_first, save):
     cn = torch.empty(D if is_lstm else 0, B, H, dtype=dtype, device=device)
     nsave = _modes.NUM_SAVED[mode] * H
     gates = torch.empty((T, B, D, nsave) if save and nsave else (0,), dtype=dtype, device=device)
-    cell = torch.empty((T, B, D, H) if save and is_lstm else (0,), dtype=acc_dtype(dtype),
-                       device=device)
+    # LSTM: every step's cell state; a zoned RNN: every step's unzoned h (for its backward).
+    rnn_zoned = zoned and mode in (_modes.RNN_TANH, _modes.RNN_RELU)
+    cell = torch.empty((T, B, D, H) if save and (is_lstm or rnn_zoned) else (0,),
+                       dtype=acc_dtype(dtype), device=device)
     return y, hn, cn, gates, cell
+
+
+def _zoned(zh, zc, z_h, z_c) -> bool:
+    return zh is not None or zc is not None or bool(z_h) or bool(z_c)
+
+
+def _zone_masks(z: Optional[Tensor]) -> Optional[Tensor]:
+    """A zoneout mask as the kernels read it: [T, B, D, ·] uint8 contiguous."""
+    return None if z is None else z.contiguous().view(torch.uint8)
 
 
 def project(x: Tensor, w_ih: Tensor, b_x: Optional[Tensor], batch_first: bool) -> Tensor:
@@ -136,6 +148,13 @@ def _resets(resets: Optional[Tensor]) -> Optional[Tensor]:
     return None if resets is None else resets.view(torch.uint8)
 
 
+def _zone_spec(zh, zc, z_h, z_c):
+    """Zoneout as the reference takes it, ``(zh, zc)``: masks, probabilities, or None."""
+    if not _zoned(zh, zc, z_h, z_c):
+        return None
+    return (zh if zh is not None else (z_h or None), zc if zc is not None else (z_c or None))
+
+
 def _rmask(rmask: Optional[Tensor], w_hh: Tensor) -> Optional[Tensor]:
     """The recurrent dropout mask as the kernels read it: [D, B, P] contiguous, W_hh's dtype."""
     return None if rmask is None else rmask.to(w_hh.dtype).contiguous()
@@ -146,11 +165,14 @@ def recurrence_op(x: Tensor, w_ih: Tensor, b_x: Optional[Tensor], h0: Tensor,
                   c0: Optional[Tensor], w_hh: Tensor, b_hn: Optional[Tensor],
                   w_hr: Optional[Tensor], lengths: Optional[Tensor], mode: int, batch_first: bool,
                   save: bool, strategy: str, resets: Optional[Tensor] = None, clip: float = 0.0,
-                  rmask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  rmask: Optional[Tensor] = None, zh: Optional[Tensor] = None,
+                  zc: Optional[Tensor] = None, z_h: float = 0.0, z_c: float = 0.0
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The forward op (no autograd of its own: ``recurrence`` below is the differentiable
     entry point). ``clip`` changes only the backward; the op takes it so that its autograd
     sees it."""
-    y, hn, cn, gates, cell = _forward_outputs(mode, x, h0, w_hh, batch_first, save)
+    y, hn, cn, gates, cell = _forward_outputs(mode, x, h0, w_hh, batch_first, save,
+                                              _zoned(zh, zc, z_h, z_c))
     T, B = x.shape[0], x.shape[1]
     if _empty(T, B, w_hh):  # nothing to compute: torch.nn's empty (or zero-width) results
         return y, hn, cn, gates, cell
@@ -166,15 +188,16 @@ def recurrence_op(x: Tensor, w_ih: Tensor, b_x: Optional[Tensor], h0: Tensor,
         w_hh=w_hh.contiguous(), b_hn=b_hn.contiguous() if b_hn is not None else None,
         w_hr=w_hr.contiguous() if w_hr is not None else None, lengths=_lengths(lengths, device),
         y=y, hn=hn, cn=_some(cn), gates=_some(gates), cell=_some(cell), save=save,
-        resets=_resets(resets), rmask=_rmask(rmask, w_hh))
+        resets=_resets(resets), rmask=_rmask(rmask, w_hh), zh=_zone_masks(zh),
+        zc=_zone_masks(zc), z_h=float(z_h), z_c=float(z_c))
     dispatch.launch(the_plan.strategy, "fwd", args, the_plan)
     return y, hn, cn, gates, cell
 
 
 @recurrence_op.register_fake
 def _(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save, strategy,
-      resets=None, clip=0.0, rmask=None):
-    return _forward_outputs(mode, x, h0, w_hh, batch_first, save)
+      resets=None, clip=0.0, rmask=None, zh=None, zc=None, z_h=0.0, z_c=0.0):
+    return _forward_outputs(mode, x, h0, w_hh, batch_first, save, _zoned(zh, zc, z_h, z_c))
 
 
 # Which gradients the backward op computes: a bit per differentiable input of ``recurrence``.
@@ -218,9 +241,23 @@ def _previous_states(y: Tensor, h0: Tensor, resets: Optional[Tensor] = None,
     return torch.stack(prev, dim=2)
 
 
+def _previous_cells(cell: Tensor, c0: Tensor, resets: Optional[Tensor] = None) -> Tensor:
+    """[T, B, D, H]: the cell state each step started from (as ``_previous_states``)."""
+    from ..reference import entering_resets
+
+    c0 = c0.to(cell.dtype)
+    prev = [torch.cat([c0[0].unsqueeze(0), cell[:-1, :, 0]], dim=0)]
+    if cell.shape[2] == 2:
+        prev.append(torch.cat([cell[1:, :, 1], c0[1].unsqueeze(0)], dim=0))
+    if resets is not None:
+        prev = [torch.where(entering_resets(resets, d)[:, :, None], c0[d], p)
+                for d, p in enumerate(prev)]
+    return torch.stack(prev, dim=2)
+
+
 def backward_impl(dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, lengths, mode,
                   batch_first, has_b_x, has_b_hn, wanted, strategy, resets=None, clip=0.0,
-                  dcell=None, rmask=None, groups=1):
+                  dcell=None, rmask=None, zh=None, zc=None, z_h=0.0, z_c=0.0, groups=1):
     """The backward op's work. ``groups`` > 1 (vmap) sums the weight gradients per group of
     consecutive batch rows instead of over the whole batch, giving them a leading group dim.
     ``dcell`` is the gradient of every step's cell state (``return_states``) or None."""
@@ -250,7 +287,8 @@ def backward_impl(dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, len
         w_hr=w_hr.contiguous() if w_hr is not None else None, lengths=_lengths(lengths, device),
         dgx=dgx, dgh=dgh, dhp=dhp, dh0=dh0_k, dc0=dc0_k, resets=_resets(resets),
         dcell=dcell.contiguous() if is_lstm and _some(dcell) is not None else None,
-        clip=float(clip), rmask=_rmask(rmask, w_hh))
+        clip=float(clip), rmask=_rmask(rmask, w_hh), zh=_zone_masks(zh), zc=_zone_masks(zc),
+        z_h=float(z_h), z_c=float(z_c))
     dispatch.launch(the_plan.strategy, "bwd", args, the_plan)
 
     # Everything parallel over time: whole-sequence GEMMs (per group of rows under vmap).
@@ -284,7 +322,11 @@ def backward_impl(dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, len
                 grads[6] = done(g[..., 2 * H:].sum(dim=1))
         if w_hr is not None and wanted & GRAD_W_HR:
             o = gates[..., 3 * H:4 * H]
-            r = (o.to(cell.dtype) * torch.tanh(cell)).to(y.dtype)
+            c_new = cell
+            if _zoned(zh, zc, z_h, z_c):  # r = o * tanh(c~), c~ = f * c_{t-1} + i * g unzoned
+                i_, f_, g_ = (gates[..., k * H:(k + 1) * H].to(cell.dtype) for k in range(3))
+                c_new = f_ * _previous_cells(cell, c0, resets) + i_ * g_
+            r = (o.to(cell.dtype) * torch.tanh(c_new)).to(y.dtype)
             grads[7] = done(torch.einsum(
                 "nrdp,nrdh->ndph", rows(dhp, D * P).unflatten(-1, (D, P)),
                 rows(r.reshape(T, B, D * H), D * H).unflatten(-1, (D, H))))
@@ -297,18 +339,21 @@ def recurrence_backward(dy: Tensor, dhn: Tensor, dcn: Optional[Tensor], x: Tenso
                         w_hh: Tensor, w_hr: Optional[Tensor], lengths: Optional[Tensor],
                         mode: int, batch_first: bool, has_b_x: bool, has_b_hn: bool, wanted: int,
                         strategy: str, resets: Optional[Tensor] = None, clip: float = 0.0,
-                        dcell: Optional[Tensor] = None, rmask: Optional[Tensor] = None
+                        dcell: Optional[Tensor] = None, rmask: Optional[Tensor] = None,
+                        zh: Optional[Tensor] = None, zc: Optional[Tensor] = None,
+                        z_h: float = 0.0, z_c: float = 0.0
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr), those ``wanted`` (GRAD_* bits);
     the others come back empty. ``x`` and ``dx`` are time-major views, as in the forward op."""
     return backward_impl(dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, lengths,
                          mode, batch_first, has_b_x, has_b_hn, wanted, strategy, resets, clip,
-                         dcell, rmask)
+                         dcell, rmask, zh, zc, z_h, z_c)
 
 
 @recurrence_backward.register_fake
 def _(dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, lengths, mode, batch_first,
-      has_b_x, has_b_hn, wanted, strategy, resets=None, clip=0.0, dcell=None, rmask=None):
+      has_b_x, has_b_hn, wanted, strategy, resets=None, clip=0.0, dcell=None, rmask=None,
+      zh=None, zc=None, z_h=0.0, z_c=0.0):
     return _backward_outputs(mode, dy, x, w_ih, h0, w_hh, w_hr, has_b_x, has_b_hn, wanted)
 
 
@@ -362,10 +407,10 @@ def _strategy_for(strategy: str, mode: int, B: int, w_hh: Tensor, device) -> str
 
 @recurrence_op.register_vmap
 def _(info, in_dims, x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save,
-      strategy, resets=None, clip=0.0, rmask=None):
+      strategy, resets=None, clip=0.0, rmask=None, zh=None, zc=None, z_h=0.0, z_c=0.0):
     n = info.batch_size
     args = (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save, strategy,
-            resets, clip, rmask)
+            resets, clip, rmask, zh, zc, z_h, z_c)
     in_dims = tuple(in_dims) + (None,) * (len(args) - len(in_dims))
     if any(in_dims[i] is not None for i in (1, 2, 5, 6, 7)):
         return _per_sample(recurrence_op, n, in_dims, args)
@@ -375,9 +420,11 @@ def _(info, in_dims, x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batc
     lengths = _fold(lengths, in_dims[8], n, 0)
     resets = _fold(resets, in_dims[13], n, 1)        # time-major [T, N*B]
     rmask = _fold(rmask, in_dims[15], n, 1)          # [D, N*B, P]
+    zh, zc = _fold(zh, in_dims[16], n, 1), _fold(zc, in_dims[17], n, 1)   # [T, N*B, D, .]
     strategy = _strategy_for(strategy, mode, x.shape[1], w_hh, x.device)
     y, hn, cn, gates, cell = recurrence_op(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths,
-                                           mode, False, save, strategy, resets, clip, rmask)
+                                           mode, False, save, strategy, resets, clip, rmask,
+                                           zh, zc, z_h, z_c)
     outs = [_unfold(t, n, 1) for t in (y, hn, cn, gates, cell)]
     return tuple(o for o, _ in outs), tuple(d for _, d in outs)
 
@@ -385,10 +432,11 @@ def _(info, in_dims, x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batc
 @torch.library.register_vmap("fastrnn::recurrence_backward")
 def _(info, in_dims, dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, lengths, mode,
       batch_first, has_b_x, has_b_hn, wanted, strategy, resets=None, clip=0.0, dcell=None,
-      rmask=None):
+      rmask=None, zh=None, zc=None, z_h=0.0, z_c=0.0):
     n = info.batch_size
     args = (dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, lengths, mode,
-            batch_first, has_b_x, has_b_hn, wanted, strategy, resets, clip, dcell, rmask)
+            batch_first, has_b_x, has_b_hn, wanted, strategy, resets, clip, dcell, rmask,
+            zh, zc, z_h, z_c)
     in_dims = tuple(in_dims) + (None,) * (len(args) - len(in_dims))
     if any(in_dims[i] is not None for i in (4, 10, 11)):
         return _per_sample(recurrence_backward, n, in_dims, args)
@@ -400,12 +448,13 @@ def _(info, in_dims, dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr, 
     resets = _fold(resets, in_dims[19], n, 1)        # [T, N*B]
     dcell = _fold(dcell, in_dims[21], n, 1)          # [T, N*B, D, H]
     rmask = _fold(rmask, in_dims[22], n, 1)          # [D, N*B, P]
+    zh, zc = _fold(zh, in_dims[23], n, 1), _fold(zc, in_dims[24], n, 1)
     strategy = _strategy_for(strategy, mode, dy.shape[1], w_hh, dy.device)
     # One launch for every sample; the weight gradients are summed per sample (groups).
     grads = backward_impl(dy.contiguous(), dhn, dcn, x, w_ih, y.contiguous(), h0, c0,
                           gates.contiguous(), cell.contiguous(), w_hh, w_hr, lengths, mode,
                           batch_first, has_b_x, has_b_hn, wanted, strategy, resets, clip,
-                          dcell, rmask, groups=n)
+                          dcell, rmask, zh, zc, z_h, z_c, groups=n)
     out, dims = [], []
     for i, g in enumerate(grads):
         if i in (0, 3, 4):                          # dx, dh0, dc0: per row of the batch
@@ -428,19 +477,21 @@ class Recurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save,
-                strategy, resets, clip, rmask):
+                strategy, resets, clip, rmask, zh, zc, z_h, z_c):
         return recurrence_op(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first,
-                             save, strategy, resets, clip, rmask)
+                             save, strategy, resets, clip, rmask, zh, zc, z_h, z_c)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save,
-         strategy, resets, clip, rmask) = (tuple(inputs) + (None, 0.0, None)[len(inputs) - 13:])
+         strategy, resets, clip, rmask, zh, zc, z_h, z_c) = (
+             tuple(inputs) + (None, 0.0, None, None, None, 0.0, 0.0)[len(inputs) - 13:])
         y, _, _, gates, cell = output
         ctx.mode = mode
         ctx.batch_first = batch_first
         ctx.saved_activations = save
         ctx.clip = clip
+        ctx.zone = (z_h, z_c)
         # The strategy the forward ran (resolved now if the caller left it to the op): the
         # backward runs the same one, whichever thread autograd runs it on.
         ctx.strategy = strategy or (_plan(mode, x.shape[1], w_hh, x.device, "").strategy
@@ -454,13 +505,14 @@ class Recurrence(torch.autograd.Function):
             ctx.mark_non_differentiable(gates)
         else:
             ctx.mark_non_differentiable(gates, cell)
-        ctx.save_for_backward(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, resets, rmask, y,
-                              gates, cell)
-        ctx.save_for_forward(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, resets, rmask)
+        ctx.save_for_backward(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, resets, rmask,
+                              zh, zc, y, gates, cell)
+        ctx.save_for_forward(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, resets, rmask, zh,
+                             zc)
 
     @staticmethod
     def backward(ctx, dy, dhn, dcn, _dgates, dcell):
-        (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, resets, rmask, y, gates,
+        (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, resets, rmask, zh, zc, y, gates,
          cell) = ctx.saved_tensors
         mode = ctx.mode
         if dy is None:
@@ -480,10 +532,10 @@ class Recurrence(torch.autograd.Function):
         grads = RecurrenceBackward.apply(
             dy, dhn, dcn if mode == _modes.LSTM else None, x, w_ih, b_x, y, h0, c0, gates, cell,
             w_hh, b_hn, w_hr, lengths, mode, ctx.batch_first, wanted, ctx.strategy, resets,
-            ctx.clip, dcell, rmask)
+            ctx.clip, dcell, rmask, zh, zc, *ctx.zone)
         present = (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr)
         out = [g if needs[i] and present[i] is not None else None for i, g in enumerate(grads)]
-        return tuple(out) + (None,) * 8
+        return tuple(out) + (None,) * 12
 
     @staticmethod
     def jvp(ctx, *tangents):
@@ -493,7 +545,7 @@ class Recurrence(torch.autograd.Function):
         from ..reference import recurrence_reference
 
         primals = ctx.saved_tensors
-        x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, resets, rmask = primals
+        x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, resets, rmask, zh, zc = primals
         mode, batch_first = ctx.mode, ctx.batch_first
         present = [i for i in range(8) if primals[i] is not None]
 
@@ -504,7 +556,8 @@ class Recurrence(torch.autograd.Function):
             xg = project(full[0], full[1], full[2], batch_first)
             y, hn, cn, cells = recurrence_reference(mode, xg, full[3], full[4], full[5], full[6],
                                                     full[7], lengths, resets, states=True,
-                                                    rmask=rmask)
+                                                    rmask=rmask,
+                                                    zoneout=_zone_spec(zh, zc, *ctx.zone))
             return (y, hn) if cn is None else (y, hn, cn, cells)
 
         tangent_in = [tangents[i] if tangents[i] is not None else torch.zeros_like(primals[i])
@@ -523,7 +576,8 @@ class Recurrence(torch.autograd.Function):
 
 def recurrence(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode: int, batch_first: bool,
                save: bool, strategy: str, resets: Optional[Tensor] = None, clip: float = 0.0,
-               rmask: Optional[Tensor] = None):
+               rmask: Optional[Tensor] = None, zh: Optional[Tensor] = None,
+               zc: Optional[Tensor] = None, z_h: float = 0.0, z_c: float = 0.0):
     """The differentiable recurrence of one layer (all its directions); see the module docstring.
     Returns ``(y, h_n, c_n, gates, cell)``.
 
@@ -531,7 +585,7 @@ def recurrence(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode: int, batch
     a Function with a custom jvp, so there the op runs with the same autograd registered on it
     (``register_autograd``), which torch.compile keeps opaque."""
     args = (x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save, strategy,
-            resets, float(clip or 0.0), rmask)
+            resets, float(clip or 0.0), rmask, zh, zc, float(z_h or 0.0), float(z_c or 0.0))
     if torch.compiler.is_compiling():
         return recurrence_op(*args)
     return Recurrence.apply(*args)
@@ -554,18 +608,20 @@ class RecurrenceBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(dy, dhn, dcn, x, w_ih, b_x, y, h0, c0, gates, cell, w_hh, b_hn, w_hr, lengths,
-                mode, batch_first, wanted, strategy, resets, clip, dcell, rmask):
+                mode, batch_first, wanted, strategy, resets, clip, dcell, rmask, zh, zc, z_h, z_c):
         return recurrence_backward(dy, dhn, dcn, x, w_ih, y, h0, c0, gates, cell, w_hh, w_hr,
                                    lengths, mode, batch_first, b_x is not None,
-                                   b_hn is not None, wanted, strategy, resets, clip, dcell, rmask)
+                                   b_hn is not None, wanted, strategy, resets, clip, dcell, rmask,
+                                   zh, zc, z_h, z_c)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         (dy, dhn, dcn, x, w_ih, b_x, _, h0, c0, _, _, w_hh, b_hn, w_hr, lengths, mode,
-         batch_first, wanted, _, resets, clip, dcell, rmask) = inputs
+         batch_first, wanted, _, resets, clip, dcell, rmask, zh, zc, z_h, z_c) = inputs
         ctx.mode, ctx.batch_first, ctx.wanted, ctx.clip = mode, batch_first, wanted, clip
+        ctx.zone = (z_h, z_c)
         ctx.save_for_backward(dy, dhn, dcn, x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, dcell,
-                              lengths, resets, rmask)
+                              lengths, resets, rmask, zh, zc)
 
     @staticmethod
     def backward(ctx, *grad_grads):
@@ -582,7 +638,8 @@ class RecurrenceBackward(torch.autograd.Function):
                 "recurrent_grad_clip=None for gradient penalties or Hessian products.")
         saved = ctx.saved_tensors
         # dy, dhn, dcn, the op's 8 inputs, dcell: what the first-order gradients depend on.
-        wrt, (lengths, resets, rmask) = list(saved[:12]), saved[12:]
+        wrt, (lengths, resets, rmask, zh, zc) = list(saved[:12]), saved[12:]
+        zoneout = _zone_spec(zh, zc, *ctx.zone)
         mode, batch_first, wanted, clip = ctx.mode, ctx.batch_first, ctx.wanted, ctx.clip
         present = [i for i, t in enumerate(wrt) if t is not None]
         # The first-order gradients this Function returned (GRAD_* bits of present inputs).
@@ -605,7 +662,7 @@ class RecurrenceBackward(torch.autograd.Function):
                 xg = project(xs[0], xs[1], xs[2], batch_first)
                 y, hn, cn, cells = recurrence_reference(mode, xg, xs[3], xs[4], xs[5], xs[6],
                                                         xs[7], lengths, resets, clip, states=True,
-                                                        rmask=rmask)
+                                                        rmask=rmask, zoneout=zoneout)
                 if cn is None:
                     return y, hn
                 return (y, hn, cn) if full[11] is None else (y, hn, cn, cells)
@@ -624,6 +681,7 @@ class RecurrenceBackward(torch.autograd.Function):
         for i, g in zip(present, pull(cotangents)):
             d[i] = g
         # Inputs: dy, dhn, dcn, x, w_ih, b_x, y, h0, c0, gates, cell, w_hh, b_hn, w_hr, lengths,
-        # four non-tensors, resets, clip, dcell, rmask.
+        # four non-tensors, resets, clip, dcell, rmask, zh, zc, z_h, z_c.
         return (d[0], d[1], d[2], d[3], d[4], d[5], None, d[6], d[7], None, None, d[8], d[9],
-                d[10], None, None, None, None, None, None, None, d[11], None)
+                d[10], None, None, None, None, None, None, None, d[11], None, None, None, None,
+                None)
