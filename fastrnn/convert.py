@@ -67,7 +67,7 @@ def convert(module: nn.Module) -> nn.Module:
 def to_torch(module: nn.Module) -> nn.Module:
     """The way back: replace every fastrnn layer and cell with its torch.nn class. A layer with
     an option torch.nn cannot express (``recurrent_grad_clip``, ``weight_dropout``,
-    ``recurrent_dropout``) is refused, before anything is swapped."""
+    ``recurrent_dropout``, ``zoneout``) is refused, before anything is swapped."""
     for name, m in module.named_modules():
         if _target_class(m, TO_TORCH) is None:
             continue
@@ -82,4 +82,5 @@ def to_torch(module: nn.Module) -> nn.Module:
 
 
 # fastrnn's options beyond torch.nn, with the value that turns each off.
-_OPTIONS = (("recurrent_grad_clip", None), ("weight_dropout", 0.0), ("recurrent_dropout", 0.0))
+_OPTIONS = (("recurrent_grad_clip", None), ("weight_dropout", 0.0), ("recurrent_dropout", 0.0),
+            ("zoneout", 0.0))

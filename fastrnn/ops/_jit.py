@@ -173,14 +173,14 @@ def entering_reset(rs_ptr, stride_rt, stride_rb, s, i_d, T, o_b, m_b):
 
 
 @triton.jit
-def zone_factor(p, offsets, m, z, Z: tl.constexpr):
+def zone_factor(p, offsets, m, zf_ptr, k, Z: tl.constexpr):
     """Zoneout's keep factor d for a tile (``zoneout``): the step's 0/1 mask at ``p + offsets``
-    (Z == 1, training) or the probability ``z`` itself (Z == 2, eval; ``p`` is None then). Z == 0
-    never calls it."""
+    (Z == 1, training) or the probability itself, ``zf_ptr[k]`` in the accumulation dtype
+    (Z == 2, eval; exact in fp64, which a float argument would not be). Z == 0 never calls it."""
     if Z == 1:
-        d = tl.load(p + offsets, mask=m, other=0).to(tl.float32)
+        d = tl.load(p + offsets, mask=m, other=0).to(zf_ptr.dtype.element_ty)
     else:
-        d = z
+        d = tl.load(zf_ptr + k)
     return d
 
 

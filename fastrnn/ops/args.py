@@ -45,10 +45,16 @@ class _Common:
 
     def zone_args(self) -> dict:
         """Zoneout's kernel arguments: ZH / ZC are 0 (off), 1 (a mask per step) or 2 (eval: the
-        probability as the factor)."""
-        return dict(zh_ptr=self.zh, zc_ptr=self.zc, z_h=self.z_h, z_c=self.z_c,
-                    ZH=1 if self.zh is not None else 2 if self.z_h else 0,
-                    ZC=1 if self.zc is not None else 2 if self.z_c else 0)
+        probability as the factor, ``zf_ptr`` [2] in the accumulation dtype: filled on the
+        device, so a CUDA graph can capture it)."""
+        ZH = 1 if self.zh is not None else 2 if self.z_h else 0
+        ZC = 1 if self.zc is not None else 2 if self.z_c else 0
+        zf = None
+        if ZH or ZC:  # the kernels' factor dtype even where the masks carry them
+            zf = torch.empty(2, dtype=acc_dtype(self.w_hh.dtype), device=self.w_hh.device)
+            zf[0].fill_(self.z_h)
+            zf[1].fill_(self.z_c)
+        return dict(zh_ptr=self.zh, zc_ptr=self.zc, zf_ptr=zf, ZH=ZH, ZC=ZC)
 
     def reset_args(self) -> dict:
         """The kernels' episode-start arguments (a null pointer without resets)."""

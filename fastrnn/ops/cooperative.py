@@ -120,7 +120,7 @@ def _recurrence_fwd_coop_kernel(
     w_hh_ptr, b_hn_ptr, len_ptr,       # [D, G*H, H], [D, H], [B]
     rs_ptr, stride_rt, stride_rb,      # [T, B] uint8 episode starts (resets)
     rm_ptr,                            # [D, B, H] recurrent dropout mask
-    zh_ptr, zc_ptr, z_h, z_c,          # zoneout: [T, B, D, H] uint8 masks, or factors
+    zh_ptr, zc_ptr, zf_ptr,            # zoneout: [T, B, D, H] uint8 masks; [2] factors
     h0_ptr, c0_ptr,                    # [D, B, H] initial states (what a reset brings back)
     y_ptr, stride_yt, stride_yb,       # [T, B, D*H]
     gates_ptr, cell_ptr,               # saved for backward: [T, B, D, NSAVE*H], [T, B, D, H]
@@ -214,10 +214,10 @@ def _recurrence_fwd_coop_kernel(
                     tl.store(cell_ptr + p_row * H + o_u[:, None],
                              h_new.to(cell_ptr.dtype.element_ty), mask=m_un,
                              eviction_policy="evict_first")
-                h_new = h_new + zone_factor(zh_ptr, p_row * H + o_u[:, None], m_un, z_h,
+                h_new = h_new + zone_factor(zh_ptr, p_row * H + o_u[:, None], m_un, zf_ptr, 0,
                                             ZH) * (h_prev - h_new)
             if CELL == LSTM and ZC != 0:
-                c_new = c_new + zone_factor(zc_ptr, p_row * H + o_u[:, None], m_un, z_c,
+                c_new = c_new + zone_factor(zc_ptr, p_row * H + o_u[:, None], m_un, zf_ptr, 1,
                                             ZC) * (c_prev - c_new)
             # The state is stored, and carried, at the precision of the layer's dtype.
             h_new = tl.where(act, h_new.to(Y_DTYPE).to(ACC), h_prev)
@@ -264,7 +264,7 @@ def _recurrence_bwd_coop_kernel(
     w_hh_ptr, len_ptr,
     rs_ptr, stride_rt, stride_rb,      # [T, B] uint8 episode starts (resets)
     rm_ptr,                            # [D, B, H] recurrent dropout mask
-    zh_ptr, zc_ptr, z_h, z_c,          # zoneout: [T, B, D, H] uint8 masks, or factors
+    zh_ptr, zc_ptr, zf_ptr,            # zoneout: [T, B, D, H] uint8 masks; [2] factors
     dcell_ptr,                         # [T, B, D, H] gradient of every step's cell state
     dgx_ptr, dgh_ptr,                  # [T, B, D, G*H]
     dh0_ptr, dc0_ptr,                  # [D, B, H]
@@ -381,7 +381,7 @@ def _recurrence_bwd_coop_kernel(
                 p_row_prev = (t_prev * B + on64)[None, :] * D + i_d
                 dh_zone = dh * 0.0
                 if ZH != 0:  # zoneout: d_h * dh to the state before, the rest to the new one
-                    dh_zone = zone_factor(zh_ptr, p_row * H + o_u[:, None], m_un, z_h, ZH) * dh
+                    dh_zone = zone_factor(zh_ptr, p_row * H + o_u[:, None], m_un, zf_ptr, 0, ZH) * dh
                     dh = dh - dh_zone
                 s0, s1, s2, s3 = dh, dh, dh, dh
                 if CELL == LSTM or CELL == GRU:
@@ -401,7 +401,7 @@ def _recurrence_bwd_coop_kernel(
                                                         mask=m_un & has_prev, other=0.0).to(ACC),
                                       tl.load(c0_ptr + state, mask=m_un, other=0.0).to(ACC))
                     if ZC != 0:  # the saved c_t is zoned: the cell's own c~ = f c_prev + i g
-                        dc_zone = zone_factor(zc_ptr, p_row * H + o_u[:, None], m_un, z_c,
+                        dc_zone = zone_factor(zc_ptr, p_row * H + o_u[:, None], m_un, zf_ptr, 1,
                                               ZC) * dc
                         dc = dc - dc_zone
                         c_t = s1 * c_prev + s0 * s2

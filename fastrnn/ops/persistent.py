@@ -41,7 +41,7 @@ def _recurrence_fwd_persistent_kernel(
     len_ptr,                           # [B] int32 sequence lengths (packed input)
     rs_ptr, stride_rt, stride_rb,      # [T, B] uint8 episode starts (resets)
     rm_ptr,                            # [D, B, P] recurrent dropout mask
-    zh_ptr, zc_ptr, z_h, z_c,          # zoneout: [T, B, D, P], [T, B, D, H] uint8, or factors
+    zh_ptr, zc_ptr, zf_ptr,            # zoneout: [T, B, D, P], [T, B, D, H] uint8; [2] factors
     y_ptr, stride_yt, stride_yb,       # [T, B, D*P] states after every step
     hn_ptr, cn_ptr,                    # [D, B, P], [D, B, H] final states
     gates_ptr, cell_ptr,               # [T, B, D, NSAVE*H], [T, B, D, H] saved for backward
@@ -120,7 +120,7 @@ def _recurrence_fwd_persistent_kernel(
                 h_new = tl.dot(tl.where(m_bh, h_new, 0.0).to(W_DTYPE), b_wr,
                                input_precision=PRECISION).to(ACC)
             if ZC != 0:  # zoneout: keep the previous cell state with factor d_c
-                d_c = zone_factor(zc_ptr, p_row * H + o_h[None, :], m_bh, z_c, ZC)
+                d_c = zone_factor(zc_ptr, p_row * H + o_h[None, :], m_bh, zf_ptr, 1, ZC)
                 c_new = c_new + d_c * (c - c_new)
             if HAS_LENGTHS:
                 c = tl.where((t < b_len)[:, None], c_new, c)
@@ -134,7 +134,7 @@ def _recurrence_fwd_persistent_kernel(
             if SAVE and CELL != LSTM and CELL != GRU:  # an RNN's backward needs the new state
                 tl.store(cell_ptr + p_row * H + o_h[None, :], h_new.to(cell_ptr.dtype.element_ty),
                          mask=m_bh, eviction_policy="evict_first")
-            d_h = zone_factor(zh_ptr, p_row * P + o_p[None, :], m_bp, z_h, ZH)
+            d_h = zone_factor(zh_ptr, p_row * P + o_p[None, :], m_bp, zf_ptr, 0, ZH)
             h_new = h_new + d_h * (h - h_new)
         # The state is stored, and carried, at the precision of the layer's dtype.
         h_new = h_new.to(Y_DTYPE).to(ACC)
@@ -161,7 +161,7 @@ def _recurrence_bwd_persistent_kernel(
     w_hh_ptr, w_hr_ptr, len_ptr,
     rs_ptr, stride_rt, stride_rb,      # [T, B] uint8 episode starts (resets)
     rm_ptr,                            # [D, B, P] recurrent dropout mask
-    zh_ptr, zc_ptr, z_h, z_c,          # zoneout: [T, B, D, P], [T, B, D, H] uint8, or factors
+    zh_ptr, zc_ptr, zf_ptr,            # zoneout: [T, B, D, P], [T, B, D, H] uint8; [2] factors
     dcell_ptr,                         # [T, B, D, H] gradient of every step's cell state
     dgx_ptr, dgh_ptr,                  # [T, B, D, G*H] grads of xg and of W_hh h (+ b_hh)
     dhp_ptr,                           # [T, B, D, P] total dh per step (projection only)
@@ -231,7 +231,7 @@ def _recurrence_bwd_persistent_kernel(
                             + o_p[None, :], mask=m_bp, other=0.0).to(ACC)
         dh_zone = dh * 0.0
         if ZH != 0:  # zoneout: d_h * dh straight to the state before, the rest to the new one
-            dh_zone = zone_factor(zh_ptr, p_row * P + o_p[None, :], m_bp, z_h, ZH) * dh
+            dh_zone = zone_factor(zh_ptr, p_row * P + o_p[None, :], m_bp, zf_ptr, 0, ZH) * dh
             dh = dh - dh_zone
         if HAS_LENGTHS:
             row_act = (t < b_len)[:, None]
@@ -258,7 +258,7 @@ def _recurrence_bwd_persistent_kernel(
             c_prev = tl.where(has_prev, tl.load(cell_ptr + p_row_prev * H + o_h[None, :],
                                                 mask=m_bh & has_prev, other=0.0).to(ACC), b_c0)
             if ZC != 0:  # the saved c_t is zoned: the cell's own c~ = f * c_prev + i * g
-                dc_zone = zone_factor(zc_ptr, p_row * H + o_h[None, :], m_bh, z_c, ZC) * dc_c
+                dc_zone = zone_factor(zc_ptr, p_row * H + o_h[None, :], m_bh, zf_ptr, 1, ZC) * dc_c
                 dc_c = dc_c - dc_zone
                 c_t = s1 * c_prev + s0 * s2
         elif CELL == GRU:

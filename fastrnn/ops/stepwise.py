@@ -64,7 +64,7 @@ def _recurrence_fwd_step_kernel(
     w_hh_ptr, b_hn_ptr, len_ptr,       # [D, G*H, P], [D, H], [B]
     rs_ptr, stride_rt, stride_rb,      # [T, B] uint8 episode starts (resets)
     rm_ptr,                            # [D, B, P] recurrent dropout mask
-    zh_ptr, zc_ptr, z_h, z_c,          # zoneout: [T, B, D, P], [T, B, D, H] uint8, or factors
+    zh_ptr, zc_ptr, zf_ptr,            # zoneout: [T, B, D, P], [T, B, D, H] uint8; [2] factors
     y_ptr, stride_yt, stride_yb,       # [T, B, D*P]
     r_ptr,                             # [D, B, H] o*tanh(c) of this step (projection only)
     gates_ptr, cell_ptr,               # [T, B, D, NSAVE*H], [T, B, D, H]
@@ -144,7 +144,7 @@ def _recurrence_fwd_step_kernel(
         save_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], s0, s1, s2, s3, m_bh, H)
     if CELL == LSTM:
         if ZC != 0:  # zoneout: keep the previous cell state with factor d_c
-            c_new = c_new + zone_factor(zc_ptr, p_row * H + o_h[None, :], m_bh, z_c,
+            c_new = c_new + zone_factor(zc_ptr, p_row * H + o_h[None, :], m_bh, zf_ptr, 1,
                                         ZC) * (c - c_new)
         tl.store(cell_ptr + p_row * H + o_h[None, :],
                  tl.where(act, c_new, c).to(cell_ptr.dtype.element_ty), mask=m_bh)
@@ -156,7 +156,7 @@ def _recurrence_fwd_step_kernel(
             if SAVE and CELL != LSTM and CELL != GRU:  # an RNN's backward needs the new h
                 tl.store(cell_ptr + p_row * H + o_h[None, :],
                          h_new.to(cell_ptr.dtype.element_ty), mask=m_bh)
-            h_new = h_new + zone_factor(zh_ptr, p_row * P + o_h[None, :], m_bh, z_h,
+            h_new = h_new + zone_factor(zh_ptr, p_row * P + o_h[None, :], m_bh, zf_ptr, 0,
                                         ZH) * (h_prev - h_new)
         tl.store(p_y, tl.where(act, h_new, h_prev).to(Y_DTYPE), mask=m_bh)
 
@@ -166,7 +166,7 @@ def _recurrence_fwd_step_kernel(
 def _projection_step_kernel(
     r_ptr, w_hr_ptr, h0_ptr, len_ptr,  # [D, B, H], [D, P, H], [D, B, P], [B]
     rs_ptr, stride_rt, stride_rb,      # [T, B] uint8 episode starts (resets)
-    zh_ptr, z_h,                       # zoneout of h: [T, B, D, P] uint8, or the factor
+    zh_ptr, zf_ptr,                    # zoneout of h: [T, B, D, P] uint8; [2] factors
     y_ptr, stride_yt, stride_yb,
     s, T, B, H, P,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
@@ -203,7 +203,7 @@ def _projection_step_kernel(
                             o_b, o_p, m_bp, i_d, P).to(ACC)
     if ZH != 0:  # zoneout: keep the previous (projected) state with factor d_h
         p_row = (t64 * B + ob64)[:, None] * tl.num_programs(2) + i_d
-        h_new = h_new + zone_factor(zh_ptr, p_row * P + o_p[None, :], m_bp, z_h,
+        h_new = h_new + zone_factor(zh_ptr, p_row * P + o_p[None, :], m_bp, zf_ptr, 0,
                                     ZH) * (h_prev - h_new)
     if HAS_LENGTHS:
         act = (t < tl.load(len_ptr + o_b, mask=m_b, other=0))[:, None]
@@ -219,7 +219,7 @@ def _recurrence_bwd_step_dh_kernel(
     gates_ptr, w_hh_ptr, len_ptr,
     rs_ptr, stride_rt, stride_rb,      # [T, B] uint8 episode starts (resets)
     rm_ptr,                            # [D, B, P] recurrent dropout mask
-    zh_ptr, z_h,                       # zoneout of h: [T, B, D, P] uint8, or the factor
+    zh_ptr, zf_ptr,                    # zoneout of h: [T, B, D, P] uint8; [2] factors
     dgh_ptr,                           # [T, B, D, G*H] gradients of W_hh h (+ b_hh) so far
     dh_ptr,                            # [D, B, P] (ACC) total dh of the previous step, updated
     dhp_ptr, dh0_ptr,                  # [T, B, D, P] (projection), [D, B, P] (last launch)
@@ -279,7 +279,7 @@ def _recurrence_bwd_step_dh_kernel(
     else:
         keep = tl.where(act_q, 0.0, 1.0)
     if ZH != 0:  # zoneout at q: d_q * dh_q passes straight, the cell saw (1 - d_q) * dh_q
-        d_q = zone_factor(zh_ptr, p_rowq * P + o_p[None, :], m_bp & has_q, z_h, ZH)
+        d_q = zone_factor(zh_ptr, p_rowq * P + o_p[None, :], m_bp & has_q, zf_ptr, 0, ZH)
         keep = keep * (1.0 - d_q) + d_q
     p_dh = dh_ptr + (i_d * B + ob64)[:, None] * P + o_p[None, :]
     if HAS_RMASK:  # the product saw mask * h
@@ -315,7 +315,7 @@ def _recurrence_bwd_step_dh_kernel(
                 dh_p = dh
             if ZH != 0:  # W_hr made the new state before zoneout: (1 - d) of dh reached it
                 dh_p = dh_p * (1.0 - zone_factor(zh_ptr, ((t64 * B + ob64)[:, None] * D + i_d)
-                                                 * P + o_p[None, :], m_bp, z_h, ZH))
+                                                 * P + o_p[None, :], m_bp, zf_ptr, 0, ZH))
             tl.store(dhp_ptr + ((t64 * B + ob64)[:, None] * D + i_d) * P + o_p[None, :],
                      dh_p.to(dhp_ptr.dtype.element_ty), mask=m_bp)
 
@@ -329,7 +329,7 @@ def _recurrence_bwd_step_gates_kernel(
     y_ptr, stride_yt, stride_yb, h0_ptr, c0_ptr,
     gates_ptr, cell_ptr, w_hr_ptr, len_ptr,
     rs_ptr, stride_rt, stride_rb,      # [T, B] uint8 episode starts (resets)
-    zh_ptr, zc_ptr, z_h, z_c,          # zoneout: [T, B, D, P], [T, B, D, H] uint8, or factors
+    zh_ptr, zc_ptr, zf_ptr,            # zoneout: [T, B, D, P], [T, B, D, H] uint8; [2] factors
     dcell_ptr,                         # [T, B, D, H] gradient of every step's cell state
     dh_ptr, dc_ptr,                    # [D, B, P] total dh of this step, [D, B, H] dc (updated)
     dc0_ptr,                           # [D, B, H] (ACC) dc0 collected at episode starts
@@ -376,7 +376,7 @@ def _recurrence_bwd_step_gates_kernel(
                            mask=m_b[:, None] & m_k[None, :], other=0.0)
             if ZH != 0:  # the projection's output before zoneout got (1 - d) of dh
                 b_dh = b_dh * (1.0 - zone_factor(zh_ptr, p_row * P + o_k[None, :],
-                                                 m_b[:, None] & m_k[None, :], z_h, ZH))
+                                                 m_b[:, None] & m_k[None, :], zf_ptr, 0, ZH))
             b_dh = b_dh.to(W_DTYPE)
             b_w = tl.load(w_hr_ptr + i_d * (P * H) + o_k[:, None] * H + o_h[None, :],
                           mask=m_k[:, None] & m_h[None, :], other=0.0)
@@ -385,7 +385,7 @@ def _recurrence_bwd_step_gates_kernel(
         dr = tl.load(dh_ptr + (i_d * B + ob64)[:, None] * P + o_h[None, :], mask=m_bh,
                      other=0.0).to(ACC)
         if ZH != 0:  # the cell's new state got (1 - d) of dh (the rest went to the previous)
-            dr = dr * (1.0 - zone_factor(zh_ptr, p_row * P + o_h[None, :], m_bh, z_h, ZH))
+            dr = dr * (1.0 - zone_factor(zh_ptr, p_row * P + o_h[None, :], m_bh, zf_ptr, 0, ZH))
 
     s0, s1, s2, s3 = dr, dr, dr, dr
     if CELL == LSTM or CELL == GRU:
@@ -403,7 +403,7 @@ def _recurrence_bwd_step_gates_kernel(
         if HAS_DCELL:  # return_states: the gradient of this step's cell state
             dc += tl.load(dcell_ptr + p_row * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
         if ZC != 0:  # the saved c_t is zoned: the cell's own c~ = f * c_prev + i * g
-            dc_zone = zone_factor(zc_ptr, p_row * H + o_h[None, :], m_bh, z_c, ZC) * dc
+            dc_zone = zone_factor(zc_ptr, p_row * H + o_h[None, :], m_bh, zf_ptr, 1, ZC) * dc
             dc = dc - dc_zone
             c_t = s1 * c_prev + s0 * s2
     elif CELL == GRU:
@@ -588,12 +588,13 @@ def forward(a: ForwardArgs, the_plan: Plan) -> None:
         # Inference: the cell state still travels between launches through a buffer.
         cell = torch.empty(a.T, a.B, a.D, a.H, device=device, dtype=acc_dtype(a.y.dtype))
     r = torch.empty(a.D, a.B, a.H, device=device, dtype=a.y.dtype) if a.w_hr is not None else None
+    zone = a.zone_args()
     grid = (triton.cdiv(a.B, cfg.block_b), triton.cdiv(a.H, cfg.block_h), a.D)
     step = StepLauncher(
         _recurrence_fwd_step_kernel, grid, "s",
         xg_ptr=a.xg, stride_xt=a.xg.stride(0), stride_xb=a.xg.stride(1),
         h0_ptr=a.h0, c0_ptr=a.c0, w_hh_ptr=a.w_hh, b_hn_ptr=a.b_hn, len_ptr=a.lengths,
-        **a.reset_args(), rm_ptr=a.rmask, **a.zone_args(), y_ptr=a.y, stride_yt=a.y.stride(0), stride_yb=a.y.stride(1), r_ptr=r,
+        **a.reset_args(), rm_ptr=a.rmask, **zone, y_ptr=a.y, stride_yt=a.y.stride(0), stride_yb=a.y.stride(1), r_ptr=r,
         gates_ptr=a.gates, cell_ptr=cell, s=0, T=a.T, B=a.B, H=a.H, P=a.P,
         CELL=a.mode, G=a.G, NSAVE=a.NSAVE, HAS_PROJ=a.w_hr is not None, SAVE=a.save,
         ACC=a.ACC, PRECISION=a.precision,
@@ -605,7 +606,7 @@ def forward(a: ForwardArgs, the_plan: Plan) -> None:
             _projection_step_kernel,
             (triton.cdiv(a.B, pcfg.block_b), triton.cdiv(a.P, pcfg.block_h), a.D), "s",
             r_ptr=r, w_hr_ptr=a.w_hr, h0_ptr=a.h0, len_ptr=a.lengths, **a.reset_args(),
-            zh_ptr=a.zh, z_h=a.z_h, ZH=a.zone_args()["ZH"],
+            zh_ptr=a.zh, zf_ptr=zone["zf_ptr"], ZH=zone["ZH"],
             y_ptr=a.y, stride_yt=a.y.stride(0), stride_yb=a.y.stride(1),
             s=0, T=a.T, B=a.B, H=a.H, P=a.P, ACC=a.ACC, PRECISION=a.precision,
             BLOCK_B=pcfg.block_b, BLOCK_P=pcfg.block_h, BLOCK_K=pcfg.block_k,
@@ -631,6 +632,7 @@ def backward(b: BackwardArgs, the_plan: Plan) -> None:
     acc = acc_dtype(b.dy.dtype)
     dh = b.dhn.to(acc).clone()
     dc = b.dcn.to(acc).clone() if b.is_lstm else None
+    zone = b.zone_args()
     # dh0 and dc0 as the episode starts (resets) collect them.
     d0 = torch.zeros(b.D, b.B, b.P, device=dh.device, dtype=acc) if b.resets is not None \
         else None
@@ -642,7 +644,7 @@ def backward(b: BackwardArgs, the_plan: Plan) -> None:
         dy_ptr=b.dy, stride_dyt=b.dy.stride(0), stride_dyb=b.dy.stride(1),
         gates_ptr=b.gates, w_hh_ptr=b.w_hh, dgh_ptr=b.dgh if b.dgh is not None else b.dgx,
         dh_ptr=dh, dhp_ptr=b.dhp, dh0_ptr=b.dh0, d0_ptr=d0, rm_ptr=b.rmask,
-        zh_ptr=b.zh, z_h=b.z_h, ZH=b.zone_args()["ZH"],
+        zh_ptr=b.zh, zf_ptr=zone["zf_ptr"], ZH=zone["ZH"],
         HAS_PROJ=b.w_hr is not None,
         CLIP=b.clip > 0,
         BLOCK_B=dcfg.block_b, BLOCK_P=dcfg.block_h, BLOCK_K=dcfg.block_k,
@@ -654,7 +656,7 @@ def backward(b: BackwardArgs, the_plan: Plan) -> None:
         (triton.cdiv(b.B, gcfg.block_b), triton.cdiv(b.H, gcfg.block_h), b.D), "k",
         y_ptr=b.y, stride_yt=b.y.stride(0), stride_yb=b.y.stride(1), h0_ptr=b.h0, c0_ptr=b.c0,
         gates_ptr=b.gates, cell_ptr=b.cell, w_hr_ptr=b.w_hr, dcell_ptr=b.dcell, dh_ptr=dh,
-        **b.zone_args(),
+        **zone,
         dc_ptr=dc, dc0_ptr=dc0, dgx_ptr=b.dgx, dgh_ptr=b.dgh,
         BLOCK_B=gcfg.block_b, BLOCK_H=gcfg.block_h, BLOCK_K=gcfg.block_k,
         **common, **gcfg.launch_options())
