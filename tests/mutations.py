@@ -189,6 +189,12 @@ MUTATIONS = (
         "            c_t = c_t\n",
         ("tests/test_dropout_options.py::test_zoneout_matches_the_reference[lstm-stepwise]",),
         "h~ = o tanh(c~) uses the cell's own new state, not the zoned one"),
+    Mutation(
+        "weight-dropout-mask-dropped", "fastrnn/functional.py",
+        "            w_hh = w_hh * wmask.to(dtype)\n",
+        "            w_hh = w_hh + 0 * wmask.to(dtype)\n",
+        ("tests/test_awd_lstm.py::test_awd_lstm_language_model_trains_like_its_cell_loop_twin",),
+        "weight_dropout masks W_hh, as AWD-LSTM's WeightDrop does"),
 )
 
 BY_NAME = {m.name: m for m in MUTATIONS}
