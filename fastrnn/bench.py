@@ -93,7 +93,7 @@ class Config:
 
 
 CELLS = ("LSTM", "GRU", "RNN_TANH")
-FEATURES = ("resets", "states", "clip", "weight_dropout", "recurrent_dropout")
+FEATURES = ("resets", "states", "clip", "weight_dropout", "recurrent_dropout", "zoneout")
 WORKAROUNDS = {
     "resets": "torch.nn's cell in a Python loop, the state multiplied by (1 - done)",
     "states": "torch.nn's layer called one step at a time",
@@ -101,8 +101,9 @@ WORKAROUNDS = {
     "weight_dropout": "AWD-LSTM's WeightDrop around torch.nn's layer (a masked W_hh set before "
                       "each call)",
     "recurrent_dropout": "torch.nn's cell in a Python loop, the state times one mask per call",
+    "zoneout": "torch.nn's cell in a Python loop, the states mixed with a mask per step",
 }
-RANDOM = ("weight_dropout", "recurrent_dropout")  # masks differ between providers: no parity
+RANDOM = ("weight_dropout", "recurrent_dropout", "zoneout")  # masks differ: no parity
 CLIP = 1.0          # the recurrent_grad_clip of the "clip" configurations
 DROPOUT = 0.25      # the probability of the dropout configurations
 
@@ -287,6 +288,11 @@ def _with_feature(case: Case, config: Config, provider: str, g: torch.Generator)
         case.call = _CellLoop(case.module, done, feature)
 
 
+def _zone(old, new, training):
+    d = (torch.rand_like(new) < DROPOUT).to(new.dtype) if training else DROPOUT
+    return d * old + (1 - d) * new
+
+
 def _flat(result) -> list:
     out = []
     for r in result:
@@ -330,6 +336,7 @@ class _CellLoop:
             if self.feature == "recurrent_dropout":  # one mask per call and layer
                 mask = torch.nn.functional.dropout(torch.ones_like(h), DROPOUT,
                                                    self.layer.training)
+            zoning = self.feature == "zoneout"
             ys = []
             for t in range(x.shape[0]):
                 if self.done is not None:
@@ -338,10 +345,14 @@ class _CellLoop:
                     c = c * keep if c is not None else None
                 h = self._clip(h)
                 h_in = h if mask is None else h * mask
+                h_old, c_old = h, c
                 if self.is_lstm:
                     h, c = cell(x[t], (h_in, self._clip(c)))
                 else:
                     h = cell(x[t], h_in)
+                if zoning:  # keep the previous state with probability DROPOUT (eval: factor)
+                    h = _zone(h_old, h, self.layer.training)
+                    c = _zone(c_old, c, self.layer.training) if c is not None else None
                 ys.append(h)
             x = torch.stack(ys)
             h_n.append(h)
