@@ -118,8 +118,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a smaller grid of sizes")
     ap.add_argument("--json", default=None, help="write every variant's figures here")
     ap.add_argument("--beyond", action="store_true",
-                    help="the variants with resets, the cell states' gradient (return_states) "
-                         "and recurrent gradient clipping, instead of packed input")
+                    help="the variants with resets, the cell states' gradient (return_states), "
+                         "recurrent gradient clipping, recurrent dropout and zoneout, instead of "
+                         "packed input")
     a = ap.parse_args(argv)
     out, ok = {}, True
     for name in a.gpu or ("H100", "A100", "L4"):

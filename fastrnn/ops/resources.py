@@ -136,7 +136,7 @@ def compile_problem(problem: select.Problem, spec: select.DeviceSpec, compiler: 
     ``spec``; returns their entries in launch order. The heaviest variant: packed input (lengths)
     and biases; inference and padded runs use the same kernels minus code paths. ``beyond``:
     the variant with every option beyond torch.nn instead of lengths (resets, the cell states'
-    gradient, recurrent gradient clipping)."""
+    gradient, recurrent gradient clipping, recurrent dropout, zoneout masks)."""
     if not available():
         raise RuntimeError("compiled figures need Triton's CUDA tools and no TRITON_INTERPRET")
     from . import recurrence as rec
@@ -157,14 +157,18 @@ def compile_problem(problem: select.Problem, spec: select.DeviceSpec, compiler: 
     lengths = None if beyond else torch.full((B,), T, dtype=torch.int64)
     resets = torch.zeros(T, B, dtype=torch.bool) if beyond else None
     clip = 1.0 if beyond else 0.0
+    rmask = torch.ones(D, B, P, **z) if beyond else None
+    zh = torch.zeros(T, B, D, P, dtype=torch.bool) if beyond else None
+    zc = torch.zeros(T, B, D, H, dtype=torch.bool) if beyond and c0 is not None else None
     compiler.used = []
     with _LOCK, select.targeting(spec, problem.precision), select.launching_with(compiler):
         chosen = dispatch.plan(problem, spec, strategy).strategy
         y, hn, cn, gates, cell = rec.recurrence(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths,
-                                                mode, False, True, chosen, resets, clip)
+                                                mode, False, True, chosen, resets, clip, rmask,
+                                                zh, zc)
         dcell = torch.zeros_like(cell) if beyond and c0 is not None else None
         rec.recurrence_backward(torch.zeros_like(y), torch.zeros_like(hn),
                                 torch.zeros_like(cn) if c0 is not None else None, x, w_ih, y, h0,
                                 c0, gates, cell, w_hh, w_hr, lengths, mode, False, True,
-                                b_hn is not None, 0, chosen, resets, clip, dcell)
+                                b_hn is not None, 0, chosen, resets, clip, dcell, rmask, zh, zc)
     return [compiler.results[k] for k in compiler.used]
