@@ -4,8 +4,9 @@
 
 The oracle is ``fastrnn.reference`` with the masks shared: a layer draws them from torch's
 generator before its layers run (``fastrnn.reference.dropout_masks``, then
-``zoneout_masks``), so the same seed gives the reference the same masks. Every option runs under every strategy (forced, counted, torch's RNN
-ops refused), for every cell, stacked and bidirectional, padded and packed, in float64.
+``zoneout_masks``), so the same seed gives the reference the same masks. Every option runs under
+every strategy (forced, counted, torch's RNN ops refused), for every cell, stacked and
+bidirectional, padded and packed, in float64.
 """
 
 from __future__ import annotations

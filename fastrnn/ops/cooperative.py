@@ -381,7 +381,8 @@ def _recurrence_bwd_coop_kernel(
                 p_row_prev = (t_prev * B + on64)[None, :] * D + i_d
                 dh_zone = dh * 0.0
                 if ZH != 0:  # zoneout: d_h * dh to the state before, the rest to the new one
-                    dh_zone = zone_factor(zh_ptr, p_row * H + o_u[:, None], m_un, zf_ptr, 0, ZH) * dh
+                    dh_zone = zone_factor(zh_ptr, p_row * H + o_u[:, None], m_un, zf_ptr, 0,
+                                          ZH) * dh
                     dh = dh - dh_zone
                 s0, s1, s2, s3 = dh, dh, dh, dh
                 if CELL == LSTM or CELL == GRU:
@@ -622,7 +623,8 @@ def forward(a: ForwardArgs, the_plan: Plan) -> None:
             **a.zone_args(),
             h0_ptr=a.h0, c0_ptr=a.c0, y_ptr=a.y, stride_yt=a.y.stride(0), stride_yb=a.y.stride(1),
             gates_ptr=a.gates, cell_ptr=a.cell, hbuf_ptr=hbuf, cbuf_ptr=cbuf,
-            flags_ptr=flags, err_ptr=err, wait_ns=wait, s_begin=first, s_end=last + 1, T=a.T, B=a.B, H=a.H,
+            flags_ptr=flags, err_ptr=err, wait_ns=wait, s_begin=first, s_end=last + 1, T=a.T,
+            B=a.B, H=a.H,
             BT=cfg.block_b, CELL=a.mode, G=a.G, GP=_gates_padded(a.G), NSAVE=a.NSAVE,
             SAVE=a.save, ACC=a.ACC, PRECISION=a.precision,
             BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, BLOCK_N=BLOCK_N,
@@ -657,7 +659,8 @@ def backward(b: BackwardArgs, the_plan: Plan) -> None:
             dcell_ptr=b.dcell,
             dgx_ptr=b.dgx, dgh_ptr=b.dgh,
             dh0_ptr=b.dh0, dc0_ptr=b.dc0, gbuf_ptr=gbuf, dhbuf_ptr=dhbuf, dcbuf_ptr=dcbuf,
-            d0buf_ptr=d0buf, flags_ptr=flags, err_ptr=err, wait_ns=wait, clip=b.clip, k_begin=k_begin, k_end=k_end, T=b.T, B=b.B, H=b.H,
+            d0buf_ptr=d0buf, flags_ptr=flags, err_ptr=err, wait_ns=wait, clip=b.clip,
+            k_begin=k_begin, k_end=k_end, T=b.T, B=b.B, H=b.H,
             BT=cfg.block_b, CELL=b.mode, G=b.G, NSAVE=b.NSAVE, ACC=b.ACC,
             PRECISION=b.precision, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, BLOCK_N=BLOCK_N,
             BLOCK_J=max(2, triton.next_power_of_2(nj)), SYNC=on_gpu,

@@ -1,8 +1,9 @@
 """The recurrence op: the only place where time is sequential.
 
 ``recurrence(x, w_ih, b_x, h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save, strategy,
-resets, clip, rmask, zh, zc, z_h, z_c)`` runs one layer, all of its directions: one GEMM projects the input of every step and direction
-(``xg = x W_ih^T + b_x``), then a Triton kernel runs the sequential part. It is a
+resets, clip, rmask, zh, zc, z_h, z_c)`` runs one layer, all of its directions: one GEMM projects
+the input of every step and direction (``xg = x W_ih^T + b_x``), then a Triton kernel runs the
+sequential part. It is a
 ``torch.library`` custom op (``fastrnn::recurrence``) with a fake implementation and registered
 autograd, so ``torch.compile`` traces it without graph breaks. Its backward is a second custom op,
 ``fastrnn::recurrence_backward``: the backward kernel (backpropagation through time) and, after
