@@ -3,9 +3,12 @@
     python bench/smoke.py OUT [--dry-run] [--max-seconds S]
 
 Runs the cooperative strategy for every cell at fp32 (TF32 on and off), fp16 and bf16, and the
-persistent and stepwise strategies for the LSTM at two precisions, some cases packed. Each case
-runs forward and backward with the strategy forced, against torch.nn in float64 (fastrnn's error
-within 2x of torch.nn's own in the same precision: fastrnn/parity.py), reads every cooperative
+persistent and stepwise strategies for the LSTM at two precisions, some cases packed, then every
+strategy with the options beyond torch.nn at once (precision "options": resets, return_states,
+recurrent_grad_clip, recurrent_dropout and zoneout on a bidirectional two-layer LSTM, fp32 without
+TF32, against ``fastrnn.reference`` in float64 with the same masks). Each case runs forward and
+backward with the strategy forced, against torch.nn in float64 (fastrnn's error within 2x of
+torch.nn's own in the same precision: fastrnn/parity.py), reads every cooperative
 barrier's error flag after a synchronize, counts the launches per kernel where they happen, and
 takes one timing. Each row is appended to OUT/smoke.jsonl and printed as it completes, so a run
 cut short keeps what it measured. Exit status 1 if any case failed.
@@ -36,7 +39,49 @@ def cases(dry_run: bool) -> list[tuple]:
            for p in precisions for cell in ("LSTM", "GRU", "RNN")]
     out += [(s, "LSTM", p, s == "stepwise") for s in ("persistent", "stepwise")
             for p in ("fp16", "tf32")]
+    out += [(s, "LSTM", "options", False) for s in ("cooperative", "persistent", "stepwise")]
     return out
+
+
+OPTIONS_TOLERANCE = 1e-3   # largest error, relative to each tensor's scale, of the options case
+
+
+def check_options(device, T, B, I, H) -> dict:
+    """The options beyond torch.nn at once, forward and backward, against the float64 reference
+    with the very masks the layer drew (the same generator calls under the same seed)."""
+    import fastrnn
+    from fastrnn import _modes
+    from fastrnn.reference import dropout_masks, rnn_reference, zoneout_masks
+
+    torch.manual_seed(0)
+    m = fastrnn.LSTM(I, H, num_layers=2, bidirectional=True, recurrent_grad_clip=0.5,
+                     recurrent_dropout=0.2, zoneout=(0.1, 0.2)).to(device)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, B, I, generator=g).to(device)
+    resets = (torch.rand(T, B, generator=g) < 0.1).to(device)
+    leaves = [x.clone().requires_grad_()]
+    torch.manual_seed(2)
+    out, (hn, cn), (h_all, c_all) = m(leaves[0], resets=resets, return_states=True)
+    got = [out, hn, cn, h_all, c_all]
+    torch.manual_seed(2)  # the same draws, in the layer's order
+    w = m.weight_hh_l0
+    masks = dropout_masks(0.0, 0.2, 2, 2, 4, H, H, B, w)
+    zone = zoneout_masks(0.1, 0.2, 2, T, B, 2, H, H, True, w, True)
+    params = {k: v.detach().double().requires_grad_() for k, v in m.named_parameters()}
+    x64 = x.double().requires_grad_()
+    want = list(rnn_reference(
+        _modes.LSTM, x64, params, 2, True, None, resets=resets, clip=0.5, states=True,
+        masks=[(None, r.double()) for _, r in masks], zoneout=zone))
+    ups = [torch.randn(t.shape, generator=g).to(device, torch.float64) for t in want]
+    g_got = torch.autograd.grad(got, leaves + list(m.parameters()), [u.float() for u in ups])
+    g_want = torch.autograd.grad(want, [x64] + list(params.values()), ups)
+    error = 0.0
+    for a, b in zip(got + list(g_got), want + list(g_want)):
+        scale = b.abs().max().item() or 1.0
+        error = max(error, (a.double() - b).abs().max().item() / scale)
+    return {"ok": error <= OPTIONS_TOLERANCE, "fastrnn_error": error,
+            "torch_error": None, "fastrnn_precision": "fp32 (options vs fastrnn.reference)",
+            "seconds": 0.0}
 
 
 def _dtype(precision: str) -> torch.dtype:
@@ -56,6 +101,8 @@ def run_case(strategy, cell, precision, packed, device, sizes) -> dict:
            "T": T, "B": B, "I": I, "H": H}
     saved = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    if precision == "options":
+        return _run_options(strategy, device, sizes, row, saved)
     before = collections.Counter(select.LAUNCHES)
     start = time.perf_counter()
     try:
@@ -83,6 +130,41 @@ def run_case(strategy, cell, precision, packed, device, sizes) -> dict:
                 if timed:
                     row["train_step_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
             cooperative.check_errors()
+    except Exception as e:  # the row says what failed; the stage goes on
+        row.update(ok=False, error=f"{type(e).__name__}: {e}"[:1000],
+                   traceback=traceback.format_exc()[-2000:])
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+    launched = {k: n - before.get(k, 0) for k, n in select.LAUNCHES.items()
+                if n != before.get(k, 0)}
+    own = set(dispatch.strategy_kernels(strategy))
+    row["launches"] = launched
+    if launched and not set(launched) <= own:
+        row.update(ok=False, error=f"kernels of another strategy ran: {sorted(set(launched) - own)}")
+    elif not launched and "error" not in row:
+        row.update(ok=False, error="no kernel launched")
+    row["seconds"] = round(time.perf_counter() - start, 3)
+    return row
+
+
+def _run_options(strategy, device, sizes, row, saved) -> dict:
+    """run_case for the options case: the same row fields, the reference's check."""
+    from fastrnn.ops import cooperative, dispatch, select
+
+    T, B, I, H = row["T"], row["B"], row["I"], row["H"]
+    before = collections.Counter(select.LAUNCHES)
+    start = time.perf_counter()
+    try:
+        with dispatch.force_strategy(strategy):
+            result = check_options(device, T, B, I, H)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            cooperative.check_errors()
+        row.update({k: result[k] for k in ("ok", "fastrnn_error", "torch_error",
+                                           "fastrnn_precision")})
+        if not result["ok"]:
+            row["error"] = (f"error {result['fastrnn_error']:.2e} against the float64 reference "
+                            f"(tolerance {OPTIONS_TOLERANCE})")
     except Exception as e:  # the row says what failed; the stage goes on
         row.update(ok=False, error=f"{type(e).__name__}: {e}"[:1000],
                    traceback=traceback.format_exc()[-2000:])
