@@ -46,9 +46,10 @@ def cases(dry_run: bool) -> list[tuple]:
 OPTIONS_TOLERANCE = 1e-3   # largest error, relative to each tensor's scale, of the options case
 
 
-def check_options(device, T, B, I, H) -> dict:
+def options_error(device, T, B, I, H) -> float:
     """The options beyond torch.nn at once, forward and backward, against the float64 reference
-    with the very masks the layer drew (the same generator calls under the same seed)."""
+    with the very masks the layer drew (the same generator calls under the same seed): the
+    largest error, relative to each output's and gradient's scale."""
     import fastrnn
     from fastrnn import _modes
     from fastrnn.reference import dropout_masks, rnn_reference, zoneout_masks
@@ -79,9 +80,7 @@ def check_options(device, T, B, I, H) -> dict:
     for a, b in zip(got + list(g_got), want + list(g_want)):
         scale = b.abs().max().item() or 1.0
         error = max(error, (a.double() - b).abs().max().item() / scale)
-    return {"ok": error <= OPTIONS_TOLERANCE, "fastrnn_error": error,
-            "torch_error": None, "fastrnn_precision": "fp32 (options vs fastrnn.reference)",
-            "seconds": 0.0}
+    return error
 
 
 def _dtype(precision: str) -> torch.dtype:
@@ -90,8 +89,10 @@ def _dtype(precision: str) -> torch.dtype:
 
 
 def run_case(strategy, cell, precision, packed, device, sizes) -> dict:
-    import fastrnn
-    from fastrnn import parity
+    """One case with ``strategy`` forced: its check (``_check_parity``, or ``_check_options``
+    for the options case) fills the row; the barrier flags are read after a synchronize, and
+    the launches counted where they happen must be the strategy's own. Never raises: a failure
+    is the row's ``error``."""
     from fastrnn.ops import cooperative, dispatch, select
 
     T, B, I, H = sizes
@@ -101,34 +102,14 @@ def run_case(strategy, cell, precision, packed, device, sizes) -> dict:
            "T": T, "B": B, "I": I, "H": H}
     saved = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = precision == "tf32"
-    if precision == "options":
-        return _run_options(strategy, device, sizes, row, saved)
     before = collections.Counter(select.LAUNCHES)
     start = time.perf_counter()
     try:
         with dispatch.force_strategy(strategy):
-            case = parity.Case(cell, bidirectional=packed, packed=packed)
-            result = parity.check(case, device, _dtype(precision), T, B, I, H)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            cooperative.check_errors()  # every barrier completed (flags read after a sync)
-            row.update(ok=result["ok"], fastrnn_error=result["fastrnn_error"],
-                       torch_error=result["torch_error"],
-                       fastrnn_precision=result["fastrnn_precision"],
-                       first_call_seconds=round(result["seconds"], 4))
-            # One timing of forward + backward, compiles done.
-            model = getattr(fastrnn, cell)(I, H, **case.kwargs()).to(device, _dtype(precision))
-            x = torch.randn(T, B, I, device=device, dtype=_dtype(precision), requires_grad=True)
-            for timed in (False, True):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                out, _ = model(x)
-                out.float().sum().backward()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                if timed:
-                    row["train_step_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
+            if precision == "options":
+                _check_options(row, device, T, B, I, H)
+            else:
+                _check_parity(row, cell, precision, packed, device, T, B, I, H)
             cooperative.check_errors()
     except Exception as e:  # the row says what failed; the stage goes on
         row.update(ok=False, error=f"{type(e).__name__}: {e}"[:1000],
@@ -147,39 +128,45 @@ def run_case(strategy, cell, precision, packed, device, sizes) -> dict:
     return row
 
 
-def _run_options(strategy, device, sizes, row, saved) -> dict:
-    """run_case for the options case: the same row fields, the reference's check."""
-    from fastrnn.ops import cooperative, dispatch, select
+def _check_parity(row, cell, precision, packed, device, T, B, I, H) -> None:
+    """Forward and backward against torch.nn in float64, then one timed training step."""
+    import fastrnn
+    from fastrnn import parity
+    from fastrnn.ops import cooperative
 
-    T, B, I, H = row["T"], row["B"], row["I"], row["H"]
-    before = collections.Counter(select.LAUNCHES)
-    start = time.perf_counter()
-    try:
-        with dispatch.force_strategy(strategy):
-            result = check_options(device, T, B, I, H)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            cooperative.check_errors()
-        row.update({k: result[k] for k in ("ok", "fastrnn_error", "torch_error",
-                                           "fastrnn_precision")})
-        if not result["ok"]:
-            row["error"] = (f"error {result['fastrnn_error']:.2e} against the float64 reference "
-                            f"(tolerance {OPTIONS_TOLERANCE})")
-    except Exception as e:  # the row says what failed; the stage goes on
-        row.update(ok=False, error=f"{type(e).__name__}: {e}"[:1000],
-                   traceback=traceback.format_exc()[-2000:])
-    finally:
-        torch.backends.cudnn.allow_tf32 = saved
-    launched = {k: n - before.get(k, 0) for k, n in select.LAUNCHES.items()
-                if n != before.get(k, 0)}
-    own = set(dispatch.strategy_kernels(strategy))
-    row["launches"] = launched
-    if launched and not set(launched) <= own:
-        row.update(ok=False, error=f"kernels of another strategy ran: {sorted(set(launched) - own)}")
-    elif not launched and "error" not in row:
-        row.update(ok=False, error="no kernel launched")
-    row["seconds"] = round(time.perf_counter() - start, 3)
-    return row
+    case = parity.Case(cell, bidirectional=packed, packed=packed)
+    result = parity.check(case, device, _dtype(precision), T, B, I, H)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    cooperative.check_errors()  # every barrier completed (flags read after a sync)
+    row.update(ok=result["ok"], fastrnn_error=result["fastrnn_error"],
+               torch_error=result["torch_error"], fastrnn_precision=result["fastrnn_precision"],
+               first_call_seconds=round(result["seconds"], 4))
+    # One timing of forward + backward, compiles done.
+    model = getattr(fastrnn, cell)(I, H, **case.kwargs()).to(device, _dtype(precision))
+    x = torch.randn(T, B, I, device=device, dtype=_dtype(precision), requires_grad=True)
+    for timed in (False, True):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        out, _ = model(x)
+        out.float().sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if timed:
+            row["train_step_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
+
+
+def _check_options(row, device, T, B, I, H) -> None:
+    """The options case against the float64 reference (``options_error``)."""
+    error = options_error(device, T, B, I, H)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    row.update(ok=error <= OPTIONS_TOLERANCE, fastrnn_error=error, torch_error=None,
+               fastrnn_precision="fp32 (options vs fastrnn.reference)")
+    if not row["ok"]:
+        row["error"] = (f"error {error:.2e} against the float64 reference "
+                        f"(tolerance {OPTIONS_TOLERANCE})")
 
 
 def main(argv=None) -> int:
