@@ -82,7 +82,7 @@ def lstm_fwd_pointwise(ai, af, ag, ao, c, FAST: tl.constexpr):
     f = act_sigmoid(af, FAST)
     g = act_tanh(ag, FAST)
     o = act_sigmoid(ao, FAST)
-    c_new = f * c + i * g
+    c_new = lstm_new_cell(i, f, g, c)
     return i, f, g, o, c_new, o * act_tanh(c_new, FAST)
 
 
@@ -182,6 +182,26 @@ def zone_factor(p, offsets, m, zf_ptr, k, Z: tl.constexpr):
     else:
         d = tl.load(zf_ptr + k)
     return d
+
+
+@triton.jit
+def zone_mix(new, old, p, offsets, m, zf_ptr, k, Z: tl.constexpr):
+    """Zoneout of a state: ``d * old + (1 - d) * new`` (d from ``zone_factor``)."""
+    return new + zone_factor(p, offsets, m, zf_ptr, k, Z) * (old - new)
+
+
+@triton.jit
+def zone_split(g, p, offsets, m, zf_ptr, k, Z: tl.constexpr):
+    """The gradient ``g`` of a zoned state, split as the forward mixed it: ``((1 - d) * g`` to
+    the cell's new state, ``d * g`` straight to the previous state)."""
+    to_prev = zone_factor(p, offsets, m, zf_ptr, k, Z) * g
+    return g - to_prev, to_prev
+
+
+@triton.jit
+def lstm_new_cell(i, f, g, c):
+    """An LSTM's new cell state ``f * c + i * g`` (before any zoneout)."""
+    return f * c + i * g
 
 
 @triton.jit

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from ._jit import (LSTM, GRU, cell_backward, cell_forward, clamp_grad, entering_reset,
                    load_gate_tiles, load_gates, next_time, positive, prev_time, save_gates,
-                   split_gates, step_time, store_gates, zone_factor)
+                   split_gates, step_time, store_gates, lstm_new_cell, zone_mix, zone_split)
 from .args import BackwardArgs, ForwardArgs, acc_dtype
 from .select import (DeviceSpec, DoesNotFit, KernelConfig, Plan, Problem, block, describe,
                      fast_activations, launch_kernel, operand_copies)
@@ -214,11 +214,11 @@ def _recurrence_fwd_coop_kernel(
                     tl.store(cell_ptr + p_row * H + o_u[:, None],
                              h_new.to(cell_ptr.dtype.element_ty), mask=m_un,
                              eviction_policy="evict_first")
-                h_new = h_new + zone_factor(zh_ptr, p_row * H + o_u[:, None], m_un, zf_ptr, 0,
-                                            ZH) * (h_prev - h_new)
+                h_new = zone_mix(h_new, h_prev, zh_ptr, p_row * H + o_u[:, None], m_un, zf_ptr,
+                                 0, ZH)
             if CELL == LSTM and ZC != 0:
-                c_new = c_new + zone_factor(zc_ptr, p_row * H + o_u[:, None], m_un, zf_ptr, 1,
-                                            ZC) * (c_prev - c_new)
+                c_new = zone_mix(c_new, c_prev, zc_ptr, p_row * H + o_u[:, None], m_un, zf_ptr,
+                                 1, ZC)
             # The state is stored, and carried, at the precision of the layer's dtype.
             h_new = tl.where(act, h_new.to(Y_DTYPE).to(ACC), h_prev)
             if SAVE and NSAVE > 0:
@@ -381,9 +381,8 @@ def _recurrence_bwd_coop_kernel(
                 p_row_prev = (t_prev * B + on64)[None, :] * D + i_d
                 dh_zone = dh * 0.0
                 if ZH != 0:  # zoneout: d_h * dh to the state before, the rest to the new one
-                    dh_zone = zone_factor(zh_ptr, p_row * H + o_u[:, None], m_un, zf_ptr, 0,
-                                          ZH) * dh
-                    dh = dh - dh_zone
+                    dh, dh_zone = zone_split(dh, zh_ptr, p_row * H + o_u[:, None], m_un, zf_ptr,
+                                             0, ZH)
                 s0, s1, s2, s3 = dh, dh, dh, dh
                 if CELL == LSTM or CELL == GRU:
                     s0, s1, s2, s3 = load_gates(gates_ptr + p_row * (NSAVE * H) + o_u[:, None],
@@ -402,10 +401,9 @@ def _recurrence_bwd_coop_kernel(
                                                         mask=m_un & has_prev, other=0.0).to(ACC),
                                       tl.load(c0_ptr + state, mask=m_un, other=0.0).to(ACC))
                     if ZC != 0:  # the saved c_t is zoned: the cell's own c~ = f c_prev + i g
-                        dc_zone = zone_factor(zc_ptr, p_row * H + o_u[:, None], m_un, zf_ptr, 1,
-                                              ZC) * dc
-                        dc = dc - dc_zone
-                        c_t = s1 * c_prev + s0 * s2
+                        dc, dc_zone = zone_split(dc, zc_ptr, p_row * H + o_u[:, None], m_un,
+                                                 zf_ptr, 1, ZC)
+                        c_t = lstm_new_cell(s0, s1, s2, c_prev)
                 elif CELL == GRU:
                     h_prev = tl.where(has_prev, tl.load(
                         y_ptr + t_prev * stride_yt + on64[None, :] * stride_yb + i_d * H

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ._jit import (LSTM, GRU, cell_backward, cell_forward, clamp_grad, entering_reset,
                    load_gate_tiles, load_gates, positive, prev_time, recurrent_products, save_gates,
-                   step_time, store_gates, zone_factor)
+                   step_time, store_gates, lstm_new_cell, zone_mix, zone_split)
 from .args import BackwardArgs, ForwardArgs
 from .select import (DeviceSpec, DoesNotFit, KernelConfig, Plan, Problem, block,
                      fast_activations, launch_kernel, operand_copies)
@@ -120,8 +120,7 @@ def _recurrence_fwd_persistent_kernel(
                 h_new = tl.dot(tl.where(m_bh, h_new, 0.0).to(W_DTYPE), b_wr,
                                input_precision=PRECISION).to(ACC)
             if ZC != 0:  # zoneout: keep the previous cell state with factor d_c
-                d_c = zone_factor(zc_ptr, p_row * H + o_h[None, :], m_bh, zf_ptr, 1, ZC)
-                c_new = c_new + d_c * (c - c_new)
+                c_new = zone_mix(c_new, c, zc_ptr, p_row * H + o_h[None, :], m_bh, zf_ptr, 1, ZC)
             if HAS_LENGTHS:
                 c = tl.where((t < b_len)[:, None], c_new, c)
             else:
@@ -134,8 +133,7 @@ def _recurrence_fwd_persistent_kernel(
             if SAVE and CELL != LSTM and CELL != GRU:  # an RNN's backward needs the new state
                 tl.store(cell_ptr + p_row * H + o_h[None, :], h_new.to(cell_ptr.dtype.element_ty),
                          mask=m_bh, eviction_policy="evict_first")
-            d_h = zone_factor(zh_ptr, p_row * P + o_p[None, :], m_bp, zf_ptr, 0, ZH)
-            h_new = h_new + d_h * (h - h_new)
+            h_new = zone_mix(h_new, h, zh_ptr, p_row * P + o_p[None, :], m_bp, zf_ptr, 0, ZH)
         # The state is stored, and carried, at the precision of the layer's dtype.
         h_new = h_new.to(Y_DTYPE).to(ACC)
         if HAS_LENGTHS:
@@ -231,8 +229,7 @@ def _recurrence_bwd_persistent_kernel(
                             + o_p[None, :], mask=m_bp, other=0.0).to(ACC)
         dh_zone = dh * 0.0
         if ZH != 0:  # zoneout: d_h * dh straight to the state before, the rest to the new one
-            dh_zone = zone_factor(zh_ptr, p_row * P + o_p[None, :], m_bp, zf_ptr, 0, ZH) * dh
-            dh = dh - dh_zone
+            dh, dh_zone = zone_split(dh, zh_ptr, p_row * P + o_p[None, :], m_bp, zf_ptr, 0, ZH)
         if HAS_LENGTHS:
             row_act = (t < b_len)[:, None]
         else:
@@ -258,9 +255,9 @@ def _recurrence_bwd_persistent_kernel(
             c_prev = tl.where(has_prev, tl.load(cell_ptr + p_row_prev * H + o_h[None, :],
                                                 mask=m_bh & has_prev, other=0.0).to(ACC), b_c0)
             if ZC != 0:  # the saved c_t is zoned: the cell's own c~ = f * c_prev + i * g
-                dc_zone = zone_factor(zc_ptr, p_row * H + o_h[None, :], m_bh, zf_ptr, 1, ZC) * dc_c
-                dc_c = dc_c - dc_zone
-                c_t = s1 * c_prev + s0 * s2
+                dc_c, dc_zone = zone_split(dc_c, zc_ptr, p_row * H + o_h[None, :], m_bh, zf_ptr,
+                                           1, ZC)
+                c_t = lstm_new_cell(s0, s1, s2, c_prev)
         elif CELL == GRU:
             h_prev = tl.where(has_prev, tl.load(
                 y_ptr + t_prev * stride_yt + ob64[:, None] * stride_yb + i_d * P + o_p[None, :],

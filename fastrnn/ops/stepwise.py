@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ._jit import (LSTM, GRU, cell_backward, cell_forward, clamp_grad, entering_reset,
                    load_gate_tiles, load_gates, positive, prev_time, save_gates, step_time,
-                   store_gates, zone_factor)
+                   store_gates, lstm_new_cell, zone_factor, zone_mix, zone_split)
 from .args import BackwardArgs, ForwardArgs, acc_dtype
 from .select import (LAUNCHES, DeviceSpec, DoesNotFit, KernelConfig, Plan, Problem,
                      fast_activations, kernel_name, launch_kernel, operand_copies,
@@ -144,8 +144,7 @@ def _recurrence_fwd_step_kernel(
         save_gates(gates_ptr + p_row * (NSAVE * H) + o_h[None, :], s0, s1, s2, s3, m_bh, H)
     if CELL == LSTM:
         if ZC != 0:  # zoneout: keep the previous cell state with factor d_c
-            c_new = c_new + zone_factor(zc_ptr, p_row * H + o_h[None, :], m_bh, zf_ptr, 1,
-                                        ZC) * (c - c_new)
+            c_new = zone_mix(c_new, c, zc_ptr, p_row * H + o_h[None, :], m_bh, zf_ptr, 1, ZC)
         tl.store(cell_ptr + p_row * H + o_h[None, :],
                  tl.where(act, c_new, c).to(cell_ptr.dtype.element_ty), mask=m_bh)
     if HAS_PROJ:  # the projection launch makes h_t from o * tanh(c_t) (and zones it)
@@ -156,8 +155,8 @@ def _recurrence_fwd_step_kernel(
             if SAVE and CELL != LSTM and CELL != GRU:  # an RNN's backward needs the new h
                 tl.store(cell_ptr + p_row * H + o_h[None, :],
                          h_new.to(cell_ptr.dtype.element_ty), mask=m_bh)
-            h_new = h_new + zone_factor(zh_ptr, p_row * P + o_h[None, :], m_bh, zf_ptr, 0,
-                                        ZH) * (h_prev - h_new)
+            h_new = zone_mix(h_new, h_prev, zh_ptr, p_row * P + o_h[None, :], m_bh, zf_ptr, 0,
+                             ZH)
         tl.store(p_y, tl.where(act, h_new, h_prev).to(Y_DTYPE), mask=m_bh)
 
 
@@ -203,8 +202,7 @@ def _projection_step_kernel(
                             o_b, o_p, m_bp, i_d, P).to(ACC)
     if ZH != 0:  # zoneout: keep the previous (projected) state with factor d_h
         p_row = (t64 * B + ob64)[:, None] * tl.num_programs(2) + i_d
-        h_new = h_new + zone_factor(zh_ptr, p_row * P + o_p[None, :], m_bp, zf_ptr, 0,
-                                    ZH) * (h_prev - h_new)
+        h_new = zone_mix(h_new, h_prev, zh_ptr, p_row * P + o_p[None, :], m_bp, zf_ptr, 0, ZH)
     if HAS_LENGTHS:
         act = (t < tl.load(len_ptr + o_b, mask=m_b, other=0))[:, None]
         h_new = tl.where(act, h_new, h_prev)
@@ -403,9 +401,8 @@ def _recurrence_bwd_step_gates_kernel(
         if HAS_DCELL:  # return_states: the gradient of this step's cell state
             dc += tl.load(dcell_ptr + p_row * H + o_h[None, :], mask=m_bh, other=0.0).to(ACC)
         if ZC != 0:  # the saved c_t is zoned: the cell's own c~ = f * c_prev + i * g
-            dc_zone = zone_factor(zc_ptr, p_row * H + o_h[None, :], m_bh, zf_ptr, 1, ZC) * dc
-            dc = dc - dc_zone
-            c_t = s1 * c_prev + s0 * s2
+            dc, dc_zone = zone_split(dc, zc_ptr, p_row * H + o_h[None, :], m_bh, zf_ptr, 1, ZC)
+            c_t = lstm_new_cell(s0, s1, s2, c_prev)
     elif CELL == GRU:
         h_prev = _load_prev(y_ptr, stride_yt, stride_yb, t_prev, h0_ptr, i_d * B, P, first,
                             o_b, o_h, m_bh, i_d, P).to(ACC)
