@@ -21,6 +21,7 @@ from torch import Tensor
 from . import _modes
 from .ops import dispatch
 from .ops.recurrence import recurrence
+from .ops.recurrence_ln import ln_recurrence, ln_resolve
 
 
 class LayerParams(NamedTuple):
@@ -98,7 +99,8 @@ def rnn(mode: int, input: Tensor, hx: Tensor, cx: Tensor | None, weights: list[T
         hidden_size: int, num_layers: int, bias: bool, batch_first: bool, dropout: float,
         training: bool, bidirectional: bool, proj_size: int = 0,
         lengths: Tensor | None = None, resets: Tensor | None = None, clip: float = 0.0,
-        states: bool = False, masks: list | None = None, zoneout: list | None = None):
+        states: bool = False, masks: list | None = None, zoneout: list | None = None,
+        layer_norm: list | None = None):
     """Run a multi-layer RNN/LSTM/GRU on a padded 3-D input.
 
     ``input`` is ``[B, T, I]`` if ``batch_first`` else ``[T, B, I]``; ``hx`` is
@@ -111,8 +113,10 @@ def rnn(mode: int, input: Tensor, hx: Tensor, cx: Tensor | None, weights: list[T
     adds every step's states, time-major: ``(output, h_n, c_n, h_all [T, L*D, B, P],
     c_all [T, L*D, B, H] | None)``; ``masks`` per layer ``(wmask, rmask)`` (weight and recurrent
     dropout, ``fastrnn.reference.dropout_masks``) or None; ``zoneout`` per layer ``(zh, zc)``
-    (``fastrnn.reference.zoneout_masks``: masks in training, probabilities in eval) or None. See
-    ``fastrnn.reference``.
+    (``fastrnn.reference.zoneout_masks``: masks in training, probabilities in eval) or None.
+    ``layer_norm`` (LayerNormLSTM / LayerNormGRU) per layer and direction the LayerNorm
+    parameters ``(g_ih, b_ih, g_hh, b_hh, g_cell, b_cell)`` (the cell pair None for a GRU), or
+    None. See ``fastrnn.reference``.
     """
     num_directions = 2 if bidirectional else 1
     dtype = _compute_dtype(input)
@@ -139,6 +143,15 @@ def rnn(mode: int, input: Tensor, hx: Tensor, cx: Tensor | None, weights: list[T
         rows = slice(layer * num_directions, (layer + 1) * num_directions)
         h0 = hx[rows].to(dtype)
         c0 = cx[rows].to(dtype) if is_lstm else None
+        if layer_norm is not None:
+            y, hn, cn = _ln_layer(mode, x, w_ih, params, layer_norm[layer], h0, c0, w_hh,
+                                  hidden_size, bias, dtype, lengths, batch_first, save)
+            x = y.transpose(0, 1) if batch_first else y
+            if training and dropout > 0 and layer < num_layers - 1:
+                x = F.dropout(x, dropout, training=True)
+            h_n.append(hn)
+            c_n.append(cn)
+            continue
         strategy = _strategy(mode, h0, w_hh)
         y, hn, cn, _, cell = recurrence(x.transpose(0, 1) if batch_first else x, w_ih, b_x, h0,
                                         c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save,
@@ -157,6 +170,38 @@ def rnn(mode: int, input: Tensor, hx: Tensor, cx: Tensor | None, weights: list[T
     if states:
         out += (torch.cat(h_all, dim=1), torch.cat(c_all, dim=1) if is_lstm else None)
     return out
+
+
+def _ln_layer(mode, x, w_ih, params, ln, h0, c0, w_hh, H, bias, dtype, lengths, batch_first,
+              save):
+    """One LayerNorm layer (``fastrnn.reference.layer_norm_rnn_reference``): the input side
+    ``LN_x(x W_ih^T)`` for every step and direction here, parallel over time, with every bias
+    that adds to it folded in (b_ih, LN_h's bias, b_hh; a GRU keeps the n parts of the last two,
+    which sit inside r *, as ``b_hn``); the recurrence in the LayerNorm op."""
+    from .reference import LN_EPS
+
+    D, GH = len(params), w_ih.shape[0] // len(params)
+    g_x, b_x, g_h, b_h = (_stack([p[k] for p in ln]).to(dtype) for k in range(4))
+    shift = b_x + b_h
+    if bias:
+        shift = shift + _stack([p.b_ih + p.b_hh for p in params]).to(dtype)
+    b_hn = None
+    if mode == _modes.GRU:  # the n parts of LN_h's bias and b_hh go inside r * (.)
+        b_hn = b_h[:, 2 * H:]
+        if bias:
+            b_hn = b_hn + _stack([p.b_hh[2 * H:] for p in params]).to(dtype)
+        shift = shift - F.pad(b_hn, (2 * H, 0))
+    proj = F.linear(x, w_ih).unflatten(-1, (D, GH))   # the caller's layout, batch-major or not
+    xg = (F.layer_norm(proj, (GH,), eps=LN_EPS) * g_x + shift).flatten(-2)
+    if batch_first:
+        xg = xg.transpose(0, 1)                        # the op's time-major view
+    g_c = b_c = None
+    if mode == _modes.LSTM:
+        g_c, b_c = (_stack([p[k] for p in ln]).to(dtype) for k in (4, 5))
+    strategy = ln_resolve(mode, h0.shape[1], H, D, dtype, h0.device)
+    y, hn, cn, *_ = ln_recurrence(xg, h0, c0, w_hh, b_hn, g_h, g_c, b_c, lengths, mode,
+                                  batch_first, save, strategy)
+    return y, hn, cn
 
 
 def cell(mode: int, input: Tensor, hx: Tensor, cx: Tensor | None, w_ih: Tensor, w_hh: Tensor,

@@ -148,6 +148,11 @@ class _RNNBase(_ClipOption, nn.RNNBase):
                 s += f", {name}={getattr(self, name)}"
         return s
 
+    def _layer_norm_params(self):
+        """Per layer and direction the LayerNorm parameters (LayerNormLSTM / LayerNormGRU), or
+        None."""
+        return None
+
     def _zoneout(self, T: int, B: int, like: torch.Tensor):
         """Per layer (zh, zc) for the kernels: masks in training, probabilities in eval."""
         z = getattr(self, "zoneout", 0.0)
@@ -217,11 +222,14 @@ class _RNNBase(_ClipOption, nn.RNNBase):
         dropping = (self.training and (getattr(self, "weight_dropout", 0.0)
                                        or getattr(self, "recurrent_dropout", 0.0))
                     or getattr(self, "zoneout", 0.0))
+        layer_norm = self._layer_norm_params()
         if not kernels:
-            if resets is not None or return_states or clip is not None or dropping:
+            if (resets is not None or return_states or clip is not None or dropping
+                    or layer_norm is not None):
                 raise RuntimeError(
-                    f"fastrnn: resets, return_states, recurrent_grad_clip, weight_dropout, "
-                    f"recurrent_dropout and zoneout run in fastrnn's kernels, which do not run "
+                    f"fastrnn: LayerNorm cells, resets, return_states, recurrent_grad_clip, "
+                    f"weight_dropout, recurrent_dropout and zoneout run in fastrnn's kernels, "
+                    f"which do not run "
                     f"here (backend {get_backend()!r} for {data.device.type} tensors; torch.nn "
                     "has no such "
                     "options). Use CUDA tensors, or set TRITON_INTERPRET=1 before importing "
@@ -312,7 +320,8 @@ class _RNNBase(_ClipOption, nn.RNNBase):
             dropout=self.dropout, training=self.training, bidirectional=self.bidirectional,
             proj_size=self.proj_size, lengths=lengths, resets=resets, clip=clip or 0.0,
             states=return_states, masks=self._dropout_masks(h0.shape[1], weights[1]),
-            zoneout=self._zoneout(x.shape[1 if batch_first else 0], h0.shape[1], weights[1]))
+            zoneout=self._zoneout(x.shape[1 if batch_first else 0], h0.shape[1], weights[1]),
+            layer_norm=layer_norm)
         output, h_n, c_n = out[:3]
         hidden = (h_n, c_n) if is_lstm else h_n
         states = self._states(out[3], out[4], lengths, unsorted_indices,
@@ -409,6 +418,87 @@ class GRU(_RNNBase):
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         super().__init__("GRU", *args, **kwargs)
+
+
+class _LayerNorm:
+    """LayerNorm cells (Ba et al.; ``fastrnn.reference.layer_norm_rnn_reference``): torch.nn's
+    arguments and parameters, plus per layer and direction ``ln_ih_weight_l{k}``,
+    ``ln_ih_bias_l{k}``, ``ln_hh_weight_l{k}``, ``ln_hh_bias_l{k}`` ([G*H]) and, for an LSTM,
+    ``ln_cell_weight_l{k}``, ``ln_cell_bias_l{k}`` ([H]) (``_reverse`` for the second
+    direction), initialised to 1 and 0 like ``torch.nn.LayerNorm`` (eps 1e-5)."""
+
+    _norms = ("ih", "hh")
+
+    def __init__(self, *args, **kwargs):
+        name = type(self).__name__
+        if kwargs.get("proj_size"):
+            raise ValueError(f"{name} does not take proj_size")
+        for option in ("recurrent_dropout", "zoneout", "recurrent_grad_clip"):
+            if kwargs.get(option):
+                raise ValueError(f"{name} does not take {option} (LayerNorm cells run without "
+                                 "it); weight_dropout and dropout between layers it takes")
+        super().__init__(*args, **kwargs)
+        w = self.weight_hh_l0
+        D = 2 if self.bidirectional else 1
+        for layer in range(self.num_layers):
+            for d in range(D):
+                sfx = f"l{layer}" + ("_reverse" if d else "")
+                for norm in self._norms:
+                    n = self.hidden_size if norm == "cell" else w.shape[0]
+                    for kind in ("weight", "bias"):
+                        self.register_parameter(f"ln_{norm}_{kind}_{sfx}", nn.Parameter(
+                            torch.empty(n, device=w.device, dtype=w.dtype)))
+        self._reset_layer_norm()
+
+    def _reset_layer_norm(self) -> None:
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.startswith("ln_"):
+                    p.fill_(1.0 if "_weight_" in name else 0.0)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()   # torch.nn's uniform init of every parameter
+        self._reset_layer_norm()
+
+    def _layer_norm_params(self):
+        D = 2 if self.bidirectional else 1
+        out = []
+        for layer in range(self.num_layers):
+            per = []
+            for d in range(D):
+                sfx = f"l{layer}" + ("_reverse" if d else "")
+                per.append(tuple(getattr(self, f"ln_{norm}_{kind}_{sfx}", None)
+                                 for norm in ("ih", "hh", "cell") for kind in ("weight", "bias")))
+            out.append(per)
+        return out
+
+    def forward(self, input, hx=None, *, resets=None, return_states=False):
+        """torch.nn's forward (input, hx, outputs as the layer's torch.nn twin)."""
+        if resets is not None or return_states:
+            raise ValueError(f"{type(self).__name__} does not take resets or return_states")
+        return super().forward(input, hx)
+
+
+class LayerNormLSTM(_LayerNorm, LSTM):
+    r"""An LSTM with layer normalisation (Ba et al.) on fastrnn's kernels.
+
+    ``torch.nn.LSTM``'s arguments (``proj_size`` excepted) and parameters, plus the LayerNorm
+    gains and biases (``_LayerNorm``). Per step and direction: gates = ``LN_ih(W_ih x) +
+    LN_hh(W_hh h) + b_ih + b_hh``; ``c' = f*c + i*g``; ``h' = o * tanh(LN_cell(c'))``.
+    Beyond torch.nn it takes ``weight_dropout``.
+    """
+
+    _norms = ("ih", "hh", "cell")
+
+
+class LayerNormGRU(_LayerNorm, GRU):
+    r"""A GRU with layer normalisation (Ba et al.) on fastrnn's kernels.
+
+    ``torch.nn.GRU``'s arguments and parameters, plus the LayerNorm gains and biases
+    (``_LayerNorm``). Per step and direction: r, z from ``LN_ih(W_ih x) + LN_hh(W_hh h) + b_ih +
+    b_hh``; ``n = tanh([LN_ih(W_ih x)]_n + b_in + r * ([LN_hh(W_hh h)]_n + b_hn))``;
+    ``h' = (1 - z) * n + z * h``. Beyond torch.nn it takes ``weight_dropout``.
+    """
 
 
 class _CellBase(_ClipOption):

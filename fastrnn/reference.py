@@ -41,11 +41,17 @@ Beyond torch.nn (opt-in; the defaults are torch.nn's maths):
   d is the probability z (a number). The layer's output at t is the zoned h_t.
 * ``weight_dropout`` (DropConnect on W_hh, AWD-LSTM's WeightDrop) is no recurrence of its own:
   the layer runs with ``W_hh * wmask`` (``dropout_masks``), one mask per call.
+* LayerNorm cells (``LayerNormLSTM``, ``LayerNormGRU``; Ba et al.): ``layer_norm_rnn_reference``.
+  The gates are ``LN_x(W_ih x) + LN_h(W_hh h) + b_ih + b_hh``, each LN over all G*H gate
+  pre-activations of a step and direction with its own gain and bias (``torch.nn.LayerNorm``,
+  eps 1e-5). LSTM: ``c' = f*c + i*g``, ``h' = o * tanh(LN_c(c'))`` (the carried c' is not
+  normalised). GRU: ``n = tanh([LN_x(W_ih x)]_n + b_in + r * ([LN_h(W_hh h)]_n + b_hn))``.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._modes import GRU, LSTM, RNN_RELU, RNN_TANH
@@ -249,6 +255,82 @@ def rnn_reference(mode: int, x: Tensor, params: dict, num_layers: int, bidirecti
     if states:
         out += (torch.cat(h_all, dim=1), torch.cat(c_all, dim=1) if c_all else None)
     return out
+
+
+LN_EPS = 1e-5  # torch.nn.LayerNorm's default
+
+
+def layer_norm_rnn_reference(mode: int, x: Tensor, params: dict, num_layers: int,
+                             bidirectional: bool, hx=None, lengths: Tensor | None = None,
+                             masks=None):
+    """A LayerNormLSTM / LayerNormGRU stack in plain PyTorch (no dropout between layers), as Ba
+    et al. state it. ``params`` by name: torch.nn's (``weight_ih_l0``, ``bias_hh_l0_reverse``...;
+    biases may be absent) plus ``ln_ih_weight_l0``, ``ln_ih_bias_l0``, ``ln_hh_weight_l0``,
+    ``ln_hh_bias_l0`` ([G*H] each) and for an LSTM ``ln_cell_weight_l0``, ``ln_cell_bias_l0``
+    ([H]). ``x`` [T, B, I] time-major, ``hx``, ``lengths`` and ``masks`` (weight dropout only)
+    as ``rnn_reference``; returns ``(y [T, B, D*H], h_n [L*D, B, H], c_n [L*D, B, H] | None)``.
+    """
+    D = 2 if bidirectional else 1
+    G = {LSTM: 4, GRU: 3}[mode]
+    T, B, _ = x.shape
+    H = params["weight_hh_l0"].shape[1]
+    h0, c0 = (hx if isinstance(hx, tuple) else (hx, None)) if hx is not None else (None, None)
+    if h0 is None:
+        h0 = x.new_zeros(num_layers * D, B, H)
+    if mode == LSTM and c0 is None:
+        c0 = x.new_zeros(num_layers * D, B, H)
+    active = None if lengths is None else torch.arange(T, device=x.device)[:, None] < \
+        lengths.to(x.device)[None, :]
+    h_n, c_n, inp = [], [], x
+    for layer in range(num_layers):
+        ys = []
+        for d in range(D):
+            sfx = f"l{layer}" + ("_reverse" if d else "")
+
+            def ln(v, name, n):
+                return F.layer_norm(v, (n,), params[f"ln_{name}_weight_{sfx}"],
+                                    params[f"ln_{name}_bias_{sfx}"], LN_EPS)
+
+            b_ih = params.get(f"bias_ih_{sfx}")
+            b_hh = params.get(f"bias_hh_{sfx}")
+            w_hh = params[f"weight_hh_{sfx}"]
+            if masks is not None and masks[layer][0] is not None:
+                w_hh = w_hh * masks[layer][0][d]
+            gx = ln(inp @ params[f"weight_ih_{sfx}"].t(), "ih", G * H)
+            if b_ih is not None:
+                gx = gx + b_ih
+            k = layer * D + d
+            h = h0[k]
+            c = c0[k] if mode == LSTM else None
+            out = [None] * T
+            for s in range(T):
+                t = s if d == 0 else T - 1 - s
+                gh = ln(h @ w_hh.t(), "hh", G * H)
+                if b_hh is not None:
+                    gh = gh + b_hh
+                if mode == LSTM:
+                    i, f, g, o = (gx[t] + gh).chunk(4, dim=-1)
+                    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                    h_new = torch.sigmoid(o) * torch.tanh(ln(c_new, "cell", H))
+                else:
+                    xr, xz, xn = gx[t].chunk(3, dim=-1)
+                    hr, hz, hn = gh.chunk(3, dim=-1)
+                    r = torch.sigmoid(xr + hr)
+                    z = torch.sigmoid(xz + hz)
+                    n = torch.tanh(xn + r * hn)
+                    h_new, c_new = (1 - z) * n + z * h, None
+                if active is not None:
+                    h_new = torch.where(active[t][:, None], h_new, h)
+                    if c is not None:
+                        c_new = torch.where(active[t][:, None], c_new, c)
+                h, c = h_new, c_new
+                out[t] = h
+            ys.append(torch.stack(out))
+            h_n.append(h)
+            if c is not None:
+                c_n.append(c)
+        inp = torch.cat(ys, dim=-1)
+    return inp, torch.stack(h_n), (torch.stack(c_n) if c_n else None)
 
 
 def dropout_masks(weight_dropout: float, recurrent_dropout: float, num_layers: int, D: int,
