@@ -67,14 +67,18 @@ def convert(module: nn.Module) -> nn.Module:
 def to_torch(module: nn.Module) -> nn.Module:
     """The way back: replace every fastrnn layer and cell with its torch.nn class. A layer with
     an option torch.nn cannot express (``recurrent_grad_clip``, ``weight_dropout``,
-    ``recurrent_dropout``, ``zoneout``) is refused, before anything is swapped."""
+    ``recurrent_dropout``, ``zoneout``), and a LayerNorm layer, is refused, before anything is
+    swapped."""
     for name, m in module.named_modules():
+        where = f" ({name})" if name else ""
+        if isinstance(m, modules._LayerNorm):
+            raise ValueError(f"fastrnn.to_torch: {type(m).__name__}{where} has LayerNorm "
+                             "parameters, which torch.nn cannot express")
         if _target_class(m, TO_TORCH) is None:
             continue
         for option, off in _OPTIONS:
             value = getattr(m, option, off)
             if value != off:
-                where = f" ({name})" if name else ""
                 raise ValueError(
                     f"fastrnn.to_torch: {type(m).__name__}{where} has {option}={value}, which "
                     f"torch.nn cannot express; set it to {off} to convert it")

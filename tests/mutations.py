@@ -195,6 +195,36 @@ MUTATIONS = (
         "            w_hh = w_hh + 0 * wmask.to(dtype)\n",
         ("tests/test_awd_lstm.py::test_awd_lstm_language_model_trains_like_its_cell_loop_twin",),
         "weight_dropout masks W_hh, as AWD-LSTM's WeightDrop does"),
+    Mutation(
+        "layernorm-cell-bias-dropped", "fastrnn/ops/layernorm.py",
+        "h_new = o * act_tanh(gc * c_hat + bc, FAST)",
+        "h_new = o * act_tanh(gc * c_hat, FAST)",
+        ("tests/test_layernorm.py::test_matches_the_reference[lstm-persistent-padded]",),
+        "LN_c's bias is part of h' = o * tanh(LN_c(c'))"),
+    Mutation(
+        "layernorm-backward-mean-term-dropped", "fastrnn/ops/layernorm.py",
+        "store_gates(dq_ptr + p_row * GH + o_u[None, :], rstd * (v0 - e1 - n0 * e2),",
+        "store_gates(dq_ptr + p_row * GH + o_u[None, :], rstd * (v0 - n0 * e2),",
+        ("tests/test_layernorm.py::test_gradcheck_through_the_kernels[gru]",),
+        "LN_h's backward subtracts the mean of the scaled gradient"),
+    Mutation(
+        "layernorm-variance-of-last-chunk-only", "fastrnn/ops/layernorm.py",
+        "            q_var += _gate_sum(n0 * n0, n1 * n1, n2 * n2, n3 * n3, m_bu, G)",
+        "            q_var = _gate_sum(n0 * n0, n1 * n1, n2 * n2, n3 * n3, m_bu, G)",
+        ("tests/test_layernorm.py::test_unit_chunks_and_batch_tiles[gru]",),
+        "the statistics sum over every unit chunk of a row"),
+    Mutation(
+        "layernorm-stepwise-runs-in-one-launch", "fastrnn/ops/layernorm.py",
+        "    return [(s, s + 1) for s in range(T)] if stepped else [(0, T)]",
+        "    return [(0, T)]",
+        ("tests/test_layernorm.py::test_matches_the_reference[gru-stepwise-padded]",),
+        "a forced strategy must be the one that runs: launches counted"),
+    Mutation(
+        "layernorm-gru-hidden-n-bias-outside-r", "fastrnn/functional.py",
+        "        shift = shift - F.pad(b_hn, (2 * H, 0))",
+        "        b_hn = b_hn * 0",
+        ("tests/test_layernorm.py::test_matches_the_reference[gru-persistent-padded]",),
+        "GRU: LN_h's n bias and b_hn sit inside r * (.)"),
 )
 
 BY_NAME = {m.name: m for m in MUTATIONS}

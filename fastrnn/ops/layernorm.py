@@ -34,7 +34,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._jit import (LSTM, GRU, act_sigmoid, act_tanh, gru_bwd_pointwise, gru_fwd_pointwise,
+from ._jit import (LSTM, act_sigmoid, act_tanh, gru_bwd_pointwise, gru_fwd_pointwise,
                    load_gate_tiles, lstm_new_cell, next_time, positive, prev_time,
                    recurrent_products, save_gates, step_time, store_gates)
 from .select import (DeviceSpec, DoesNotFit, KernelConfig, Plan, Problem, fast_activations,
@@ -315,7 +315,6 @@ def _ln_bwd_kernel(
     ob64 = o_b.to(tl.int64)
     o_j = tl.arange(0, BLOCK_H)
     o_k = tl.arange(0, BLOCK_K)
-    G_DTYPE = dgx_ptr.dtype.element_ty
     GH = G * H
     p_rows = (i_d * B + ob64)[:, None]
     w_base = w_hh_ptr + i_d * (GH * H)

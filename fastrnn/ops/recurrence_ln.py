@@ -230,7 +230,7 @@ def ln_recurrence_backward(dy: Tensor, dhn: Tensor, dcn: Optional[Tensor], xg: T
     dq = torch.empty(T, B, D * GH, dtype=dy.dtype, device=device)
     nb = -(-B // layernorm.BLOCK_B)
     dgc = torch.zeros(nb, D, 2, H, dtype=acc, device=device) if is_lstm else None
-    keep = dhn.to(acc).contiguous()        # the kernel's carried dh starts as dh_n
+    keep = dhn.to(acc, copy=True).contiguous()  # the carried dh starts as dh_n (written)
     dcs = torch.empty(2, D, B, H, dtype=acc, device=device)
     if is_lstm:
         dcs[T % 2].copy_(dcn)
