@@ -11,6 +11,7 @@ per thread, stack bytes (spills) and tensor-core instructions, and checked again
 shared memory per block, and registers per program against the SM's register file.
 
     python bench/kernel_resources.py [--gpu H100 ...] [--quick] [--json out.json]
+        [--beyond | --layernorm] [--hidden N ...] [--precision P ...]
 
 Exit status 1 if a variant fails to compile or does not fit. Runs without TRITON_INTERPRET.
 """
@@ -75,12 +76,20 @@ def _step(row: dict, key: str) -> str:
 
 
 def check(spec: select.DeviceSpec, quick: bool = False, cells=None, precisions=None,
-          echo=print, beyond: bool = False) -> tuple[list, list]:
+          echo=print, beyond: bool = False, layer_norm: bool = False) -> tuple[list, list]:
     compiler = resources.Compiler(spec)
     chosen = {}
     start = time.perf_counter()
+    if layer_norm:  # LayerNormLSTM / LayerNormGRU: their own kernels (ops/layernorm.py)
+        cells = [c for c in cells or ("lstm", "gru") if c in ("lstm", "gru")]
     for label, problem in problems(quick, cells, precisions):
         compiler.label = label
+        if layer_norm:
+            if problem.dtype == torch.float64:
+                continue  # fp64 layers run stepwise on a GPU: no LayerNorm kernel to check
+            entries = resources.compile_layer_norm(problem, spec, compiler)
+            chosen["layernorm"] = chosen.get("layernorm", 0) + 1
+            continue
         entries = resources.compile_problem(problem, spec, compiler, beyond=beyond)
         the_plan = dispatch.plan(problem, spec)
         chosen[the_plan.strategy] = chosen.get(the_plan.strategy, 0) + 1
@@ -121,10 +130,20 @@ def main(argv=None) -> int:
                     help="the variants with resets, the cell states' gradient (return_states), "
                          "recurrent gradient clipping, recurrent dropout and zoneout, instead of "
                          "packed input")
+    ap.add_argument("--layernorm", action="store_true",
+                    help="the LayerNormLSTM / LayerNormGRU kernels instead")
+    ap.add_argument("--hidden", type=int, action="append",
+                    help="hidden sizes (repeatable; default: the grid's)")
+    ap.add_argument("--precision", action="append", choices=sorted(PRECISIONS),
+                    help="precisions (repeatable; default: all)")
     a = ap.parse_args(argv)
+    if a.hidden:
+        global HIDDEN, QUICK_HIDDEN
+        HIDDEN = QUICK_HIDDEN = tuple(a.hidden)
     out, ok = {}, True
     for name in a.gpu or ("H100", "A100", "L4"):
-        rows, failed = check(select.GPUS[name], a.quick, beyond=a.beyond)
+        rows, failed = check(select.GPUS[name], a.quick, precisions=a.precision,
+                             beyond=a.beyond, layer_norm=a.layernorm)
         out[name] = rows
         ok &= not failed
     if a.json:

@@ -489,14 +489,19 @@ def plan(problem: Problem, spec: DeviceSpec, strategy: str = "") -> Plan:
                          "cooperative kernel's reduction across programs is not built)")
     if problem.has_proj:
         raise DoesNotFit("no proj_size")
-    bh, bk = _tile(problem.H), _tile(problem.H)
+    bh = bk = min(32, _tile(problem.H))
     # Per unit chunk and feature chunk the dots stage G weight tiles and the state tile.
     shared = (problem.G * bk * bh + BLOCK_B * bk) * problem.itemsize * operand_copies(problem)
     if shared > spec.smem_per_block:
         raise DoesNotFit(f"needs about {shared} bytes of shared memory, the device has "
                          f"{spec.smem_per_block} per block")
-    fwd = KernelConfig("_ln_fwd_kernel", BLOCK_B, bh, bk, 4, 1, shared)
-    bwd = KernelConfig("_ln_bwd_kernel", BLOCK_B, bh, bk, 4, 1, shared)
+    # Compiled for sm_90/sm_80/sm_89 (bench/kernel_resources.py --layernorm): 32-unit and
+    # 32-feature chunks, 8 warps and ptxas allowed 255 registers leave no spills but 8 bytes in
+    # one variant (LSTM backward, fp32 as tf32x3, sm_90); 64-unit chunks at 4 warps spilled
+    # 100-1000 bytes per thread, and ptxas capped some variants at 128 registers.
+    warps = 8
+    fwd = KernelConfig("_ln_fwd_kernel", BLOCK_B, bh, bk, warps, 1, shared, 255)
+    bwd = KernelConfig("_ln_bwd_kernel", BLOCK_B, bh, bk, warps, 1, shared, 255)
     stepped = strategy == "stepwise"
     return Plan(strategy, (fwd, bwd), grid=(triton.cdiv(problem.B, BLOCK_B), problem.D),
                 launches_per_step=(1, 1) if stepped else (0, 0),

@@ -172,3 +172,35 @@ def compile_problem(problem: select.Problem, spec: select.DeviceSpec, compiler: 
                                 c0, gates, cell, w_hh, w_hr, lengths, mode, False, True,
                                 b_hn is not None, 0, chosen, resets, clip, dcell, rmask, zh, zc)
     return [compiler.results[k] for k in compiler.used]
+
+
+def compile_layer_norm(problem: select.Problem, spec: select.DeviceSpec, compiler: Compiler,
+                       strategy: str = "", T: int = 2) -> list[dict]:
+    """As ``compile_problem``, for a LayerNorm layer (``ops/layernorm.py``; packed input)."""
+    if not available():
+        raise RuntimeError("compiled figures need Triton's CUDA tools and no TRITON_INTERPRET")
+    from . import recurrence_ln as rln
+
+    mode, B, H, D, dtype = problem.mode, problem.B, problem.H, problem.D, problem.dtype
+    G = _modes.NUM_GATES[mode]
+    z = dict(dtype=dtype)
+    lstm = mode == _modes.LSTM
+    xg = torch.zeros(T, B, D * G * H, **z)
+    h0 = torch.zeros(D, B, H, **z)
+    c0 = torch.zeros(D, B, H, **z) if lstm else None
+    w_hh = torch.zeros(D, G * H, H, **z)
+    b_hn = None if lstm else torch.zeros(D, H, **z)
+    g_h = torch.ones(D, G * H, **z)
+    g_c = torch.ones(D, H, **z) if lstm else None
+    b_c = torch.zeros(D, H, **z) if lstm else None
+    lengths = torch.full((B,), T, dtype=torch.int64)
+    compiler.used = []
+    with _LOCK, select.targeting(spec, problem.precision), select.launching_with(compiler):
+        chosen = rln.ln_plan(mode, B, w_hh, torch.device("cpu"), strategy).strategy
+        y, hn, cn, gates, cell, qhat, stats = rln.ln_recurrence_op(
+            xg, h0, c0, w_hh, b_hn, g_h, g_c, b_c, lengths, mode, False, True, chosen)
+        rln.ln_recurrence_backward(torch.zeros_like(y), torch.zeros_like(hn),
+                                   torch.zeros_like(cn) if lstm else None, xg, y, h0, c0, gates,
+                                   cell, qhat, stats, w_hh, g_h, g_c, b_c, lengths, mode,
+                                   b_hn is not None, chosen)
+    return [compiler.results[k] for k in compiler.used]

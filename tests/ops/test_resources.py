@@ -48,3 +48,30 @@ def test_every_selectable_configuration_fits(gpu, tmp_path):
         if has_dot and r["dtype"] != "fp64":  # Triton has no fp64 MMA; every other dtype does
             assert r["mma"] + r["wgmma"] > 0, f"{where}: no tensor-core instruction"
     assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(TOOLS, "ptxas")),
+                    reason="this triton build ships no ptxas")
+@pytest.mark.parametrize("gpu", ["H100", "A100", "L4"])
+def test_layer_norm_kernels_fit_without_spills(gpu, tmp_path):
+    """LayerNormLSTM / LayerNormGRU's kernels (one tiling for every H above 16): they compile,
+    fit, use tensor cores and do not spill (8 bytes per thread at most: the LSTM backward in
+    fp32 as tf32x3 on sm_90)."""
+    out = tmp_path / "resources.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "kernel_resources.py"),
+                           "--gpu", gpu, "--layernorm", "--hidden", "17", "--hidden", "512",
+                           "--json", str(out)], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=1200)
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["variants"][gpu]
+    assert {r["kernel"] for r in rows} == {"_ln_fwd_kernel", "_ln_bwd_kernel"}
+    for r in rows:
+        where = f"{r['kernel']} ({r['first_problem']})"
+        assert "error" not in r, f"{where} does not compile: {r.get('error', '')[:500]}"
+        assert not r["misfit"], where
+        assert r["mma"] > 0, f"{where}: no tensor-core instruction"
+        assert r["stack_bytes"] <= (8 if "tf32x3" in r["first_problem"] else 0), \
+            f"{where}: {r['stack_bytes']} bytes of spills per thread"
+    assert proc.returncode == 0, proc.stdout[-3000:]
