@@ -93,7 +93,8 @@ class Config:
 
 
 CELLS = ("LSTM", "GRU", "RNN_TANH")
-FEATURES = ("resets", "states", "clip", "weight_dropout", "recurrent_dropout", "zoneout")
+FEATURES = ("resets", "states", "clip", "weight_dropout", "recurrent_dropout", "zoneout",
+            "layernorm")
 WORKAROUNDS = {
     "resets": "torch.nn's cell in a Python loop, the state multiplied by (1 - done)",
     "states": "torch.nn's layer called one step at a time",
@@ -102,6 +103,8 @@ WORKAROUNDS = {
                       "each call)",
     "recurrent_dropout": "torch.nn's cell in a Python loop, the state times one mask per call",
     "zoneout": "torch.nn's cell in a Python loop, the states mixed with a mask per step",
+    "layernorm": "a LayerNorm cell written with torch.nn.LayerNorm in a Python loop (Ba et al.; "
+                 "PyTorch's custom_lstms.py example), against fastrnn.LayerNormLSTM / GRU",
 }
 RANDOM = ("weight_dropout", "recurrent_dropout", "zoneout")  # masks differ: no parity
 CLIP = 1.0          # the recurrent_grad_clip of the "clip" configurations
@@ -153,7 +156,11 @@ def _grid_variants():
             Config("variants", "LSTM", proj=128, layers=2, bidirectional=True, **base)]
     # Beyond torch.nn, against the users' workaround (issue 18's point: T=128, B=64, H=512).
     out += [Config("variants", m, 128, 64, 512, 512, feature=f)
-            for f in FEATURES for m in ("LSTM", "GRU")]
+            for f in FEATURES if f != "layernorm" for m in ("LSTM", "GRU")]
+    # LayerNorm cells against the cell loop users write (issue 19's point: bf16 T=256 B=64
+    # H=512); fastrnn-plain is the plain layer.
+    out += [Config("variants", m, 256, 64, 512, 512, dtype="bfloat16", feature="layernorm")
+            for m in ("LSTM", "GRU")]
     return out
 
 
@@ -236,6 +243,8 @@ def build_case(config: Config, provider: str, device: torch.device, seed: int = 
         kwargs[config.feature] = DROPOUT
     torch.manual_seed(seed)
     cls = getattr(library, CELL_CLASSES[config.mode])
+    if config.feature == "layernorm" and provider == "fastrnn":
+        cls = getattr(modules, "LayerNorm" + CELL_CLASSES[config.mode])
     module = cls(config.I, config.H, **kwargs).to(device=device, dtype=config.torch_dtype)
     g = torch.Generator(device="cpu").manual_seed(seed + 1)
     dt = config.torch_dtype
@@ -282,6 +291,8 @@ def _with_feature(case: Case, config: Config, provider: str, g: torch.Generator)
         return
     if feature == "states":
         case.call = _stepped
+    elif feature == "layernorm":
+        case.call = _LayerNormLoop(case.module)
     elif feature == "weight_dropout":
         case.call = _WeightDrop(case.module)
     else:
@@ -353,6 +364,47 @@ class _CellLoop:
                 if zoning:  # keep the previous state with probability DROPOUT (eval: factor)
                     h = _zone(h_old, h, self.layer.training)
                     c = _zone(c_old, c, self.layer.training) if c is not None else None
+                ys.append(h)
+            x = torch.stack(ys)
+            h_n.append(h)
+            c_n.append(c)
+        return [x, torch.stack(h_n)] + ([torch.stack(c_n)] if self.is_lstm else [])
+
+
+class _LayerNormLoop:
+    """The users' LayerNorm LSTM / GRU: per layer, torch.nn.LayerNorm modules (gain 1, bias 0,
+    as fastrnn's are initialised) around the gate products of a step, in a Python loop
+    (``fastrnn.reference.layer_norm_rnn_reference``'s maths)."""
+
+    def __init__(self, layer: torch.nn.Module):
+        self.layer, self.is_lstm = layer, layer.mode == "LSTM"
+        G, H = (4 if self.is_lstm else 3), layer.hidden_size
+        w = layer.weight_hh_l0
+        self.norms = [[torch.nn.LayerNorm(n, device=w.device, dtype=w.dtype)
+                       for n in (G * H, G * H) + ((H,) if self.is_lstm else ())]
+                      for _ in range(layer.num_layers)]
+
+    def __call__(self, _module, x, hx):
+        h0, c0 = hx if self.is_lstm else (hx, None)
+        h_n, c_n = [], []
+        for k, norms in enumerate(self.norms):
+            w_ih, w_hh, b_ih, b_hh = (getattr(self.layer, f"{n}_l{k}") for n in (
+                "weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+            h, c = h0[k], (c0[k] if self.is_lstm else None)
+            ys = []
+            for t in range(x.shape[0]):
+                gx = norms[0](x[t] @ w_ih.t()) + b_ih
+                gh = norms[1](h @ w_hh.t()) + b_hh
+                if self.is_lstm:
+                    i, f, g, o = (gx + gh).chunk(4, 1)
+                    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                    h = torch.sigmoid(o) * torch.tanh(norms[2](c))
+                else:
+                    xr, xz, xn = gx.chunk(3, 1)
+                    hr, hz, hn = gh.chunk(3, 1)
+                    r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+                    n = torch.tanh(xn + r * hn)
+                    h = (1 - z) * n + z * h
                 ys.append(h)
             x = torch.stack(ys)
             h_n.append(h)

@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+import fastrnn
+
 from fastrnn import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,8 +137,10 @@ def test_feature_rows_compare_with_the_users_workaround(feature):
     random = feature in bench.RANDOM  # dropout: compared in eval mode, where no mask applies
     variants = [c for c in bench.GRIDS["variants"]() if c.feature == feature]
     assert {c.mode for c in variants} == {"LSTM", "GRU"}
-    assert all((c.T, c.B, c.H) == (128, 64, 512) for c in variants)
-    config = dataclasses.replace(variants[0], grid="test", T=6, B=3, I=3, H=4, layers=2)
+    point = (256, 64, 512, "bfloat16") if feature == "layernorm" else (128, 64, 512, "float32")
+    assert all((c.T, c.B, c.H, c.dtype) == point for c in variants)
+    config = dataclasses.replace(variants[0], grid="test", T=6, B=3, I=3, H=4, layers=2,
+                                 dtype="float32")
     device = torch.device(DEVICE)
     for provider in ("fastrnn", "fastrnn-plain", "torch.nn"):
         assert provider in bench.providers_for(config, device)
@@ -150,7 +154,10 @@ def test_feature_rows_compare_with_the_users_workaround(feature):
     fast = bench.build_case(config, "fastrnn", device)
     if feature == "resets":
         fast.call = lambda m, x, hx: bench._flat(m(x, hx, resets=case.call.done))
+    if feature == "layernorm":
+        assert type(fast.module) is fastrnn.LayerNormLSTM
     got = fast.forward()
+    assert launches() > before  # the feature ran in fastrnn's kernels
     if random:  # training draws masks: outputs differ from eval's, which match the workaround's
         fast.module.eval()
         case.module.eval()

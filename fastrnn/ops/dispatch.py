@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from ..backend import interpreting
-from . import cooperative, persistent, stepwise
+from . import cooperative, layernorm, persistent, stepwise
 from .select import LAUNCHES, DeviceSpec, DoesNotFit, Plan, Problem, describe, precision
 
 STRATEGIES = {  # name -> module, in the order selection tries them
@@ -137,12 +137,16 @@ def strategy_kernels(strategy: str, direction: Optional[str] = None) -> tuple:
     """The kernels a strategy launches in one pass ("fwd", "bwd") or both (``KERNELS`` in its
     module)."""
     table = STRATEGIES[check_strategy(strategy)].KERNELS
-    return tuple(k for d in ("fwd", "bwd") if direction in (None, d) for k in table[d])
+    out = tuple(k for d in ("fwd", "bwd") if direction in (None, d) for k in table[d])
+    if strategy in layernorm.STRATEGIES:  # LayerNorm layers' kernels (ops/layernorm.py)
+        out += tuple(k for d, k in zip(("fwd", "bwd"), layernorm.KERNELS)
+                     if direction in (None, d))
+    return out
 
 
 def strategy_kernels_of(direction: Optional[str] = None) -> tuple:
-    """Every strategy's kernels of one pass ("fwd", "bwd") or both."""
-    return tuple(k for s in STRATEGY_NAMES for k in strategy_kernels(s, direction))
+    """Every strategy's kernels of one pass ("fwd", "bwd") or both (each once)."""
+    return tuple(dict.fromkeys(k for s in STRATEGY_NAMES for k in strategy_kernels(s, direction)))
 
 
 def launch_counts(strategy: Optional[str] = None, direction: Optional[str] = None) -> int:
