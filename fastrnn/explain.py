@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import _modes
 from .backend import interpreting, use_kernels
-from .ops import costs, dispatch, resources, select
+from .ops import costs, dispatch, layernorm, resources, select
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "fp64": torch.float64}
@@ -37,15 +37,26 @@ def _precision_text(problem: select.Problem) -> str:
 
 
 def explain_problem(problem: select.Problem, spec: select.DeviceSpec, T: int, layers: int = 1,
-                    compiled: bool = True, recurrent_grad_clip: float | None = None
-                    ) -> list[dict]:
-    """One entry per layer (the recurrence is the same problem in every layer)."""
-    the_plan = dispatch.plan(problem, spec, dispatch.forced_strategy() or None)
+                    compiled: bool = True, recurrent_grad_clip: float | None = None,
+                    layer_norm: bool = False) -> list[dict]:
+    """One entry per layer (the recurrence is the same problem in every layer). ``layer_norm``:
+    a LayerNormLSTM / LayerNormGRU (its own kernels, ``ops/layernorm.py``)."""
+    if layer_norm:
+        try:
+            the_plan = layernorm.plan(problem, spec, dispatch.forced_strategy())
+        except select.DoesNotFit as e:
+            raise RuntimeError(f"fastrnn: LayerNorm {problem.describe()} on {spec.name}: "
+                               f"{e}") from None
+    else:
+        the_plan = dispatch.plan(problem, spec, dispatch.forced_strategy() or None)
     fwd, bwd = the_plan.launches(T)
     kernels = []
     if compiled and resources.available() and not spec.interpreter:
         compiler = resources.Compiler(spec)
-        entries = resources.compile_problem(problem, spec, compiler, the_plan.strategy)
+        if layer_norm:
+            entries = resources.compile_layer_norm(problem, spec, compiler, the_plan.strategy)
+        else:
+            entries = resources.compile_problem(problem, spec, compiler, the_plan.strategy)
         by_name = {e["kernel"]: e for e in entries}
     else:
         by_name = {}
@@ -71,9 +82,10 @@ def explain_problem(problem: select.Problem, spec: select.DeviceSpec, T: int, la
             str(problem.dtype).replace("torch.", ""),
             "precision_text": _precision_text(problem), "device": spec.name,
             "grid": list(the_plan.grid), "kernels": kernels,
-            "recurrent_grad_clip": recurrent_grad_clip,
-            "other_strategies": {k: v for k, v in dispatch.why_not(problem, spec).items()
-                                 if k != the_plan.strategy}}
+            "recurrent_grad_clip": recurrent_grad_clip, "layer_norm": layer_norm,
+            "other_strategies": {} if layer_norm else {
+                k: v for k, v in dispatch.why_not(problem, spec).items()
+                if k != the_plan.strategy}}
     return [{"layer": i, **base} for i in range(layers)]
 
 
@@ -86,6 +98,10 @@ def format_explanation(rows: list[dict], header: str = "") -> str:
         lines.append(f"layer {r['layer']}: {r['strategy']}: {r['launches_forward']} kernel "
                      f"launch(es) per forward, {r['launches_backward']} per backward; "
                      f"{r['precision_text']}")
+        if r.get("layer_norm"):
+            lines.append("  LayerNorm cell: the recurrent LayerNorm fused, a program per (batch "
+                         "tile, direction) owning whole rows; the input side's LayerNorm runs "
+                         "with the input projection, before the recurrence")
         if r.get("recurrent_grad_clip"):
             lines.append(f"  recurrent_grad_clip={r['recurrent_grad_clip']}: the backward kernel "
                          "clamps the gradient flowing into each step's previous state (dh, and "
@@ -150,7 +166,9 @@ def explain(module, input, hx=None) -> list[dict]:
     problem = select.Problem(_modes.MODE_IDS[module.mode], B, module.hidden_size, P, D, dtype,
                              select.precision(dtype, device))
     return explain_problem(problem, select.describe(device), T, layers,
-                           recurrent_grad_clip=clip)
+                           recurrent_grad_clip=clip,
+                           layer_norm=module._layer_norm_params() is not None
+                           if hasattr(module, "_layer_norm_params") else False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +190,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "setting, TF32 on unless changed)")
     p.add_argument("--recurrent-grad-clip", type=float, default=None, metavar="C",
                    help="the layer's recurrent_grad_clip (changes the gradient on purpose)")
+    p.add_argument("--layernorm", action="store_true",
+                   help="LayerNormLSTM / LayerNormGRU (LSTM and GRU, no proj_size)")
     p.add_argument("--json", action="store_true", help="a JSON list, one object per layer")
 
 
@@ -180,6 +200,9 @@ def main(args) -> int:
         # Compiled figures need the kernels compiled for a GPU, not interpreted: start afresh.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         os.execve(sys.executable, [sys.executable, "-m", "fastrnn", *sys.argv[1:]], env)
+    if args.layernorm and (args.mode not in ("LSTM", "GRU") or args.proj_size):
+        print("error: --layernorm is for LSTM and GRU without proj_size", file=sys.stderr)
+        return 2
     if args.proj_size and args.mode != "LSTM":
         print("error: --proj-size is for LSTM only", file=sys.stderr)
         return 2
@@ -195,7 +218,8 @@ def main(args) -> int:
     spec = select.GPUS[args.gpu]
     try:
         rows = explain_problem(problem, spec, args.seq_len, args.layers,
-                               recurrent_grad_clip=args.recurrent_grad_clip)
+                               recurrent_grad_clip=args.recurrent_grad_clip,
+                               layer_norm=args.layernorm)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -205,7 +229,7 @@ def main(args) -> int:
         print(json.dumps(rows, indent=1))
     else:
         print(format_explanation(rows, (
-            f"fastrnn explain: {args.mode} input_size={args.input_size} "
+            f"fastrnn explain: {'LayerNorm ' if args.layernorm else ''}{args.mode} input_size={args.input_size} "
             f"hidden_size={args.hidden_size}{f' proj_size={P}' if args.proj_size else ''} "
             f"batch={args.batch} seq_len={args.seq_len} {args.dtype}, {args.layers} layer(s)"
             f"{', bidirectional' if args.bidirectional else ''} on {spec.name} "

@@ -274,3 +274,22 @@ def test_compile_fullgraph():
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(gx, torch.autograd.grad(want.sum(), x)[0], atol=1e-12,
                                rtol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", LN_STRATEGIES)
+def test_explain_states_the_launches_the_layer_makes(strategy):
+    """``fastrnn.explain`` of a LayerNorm layer: its strategy and launches per forward and
+    backward, as counted when the layer runs."""
+    m = _module("lstm", num_layers=2)
+    x = torch.randn(5, 2, 3, dtype=DT, device=DEVICE, requires_grad=True)
+    with fastrnn.force_strategy(strategy):
+        rows = fastrnn.explain(m, x)
+    assert [r["strategy"] for r in rows] == [strategy, strategy]
+    assert all(r["layer_norm"] for r in rows)
+    assert {k["kernel"] for k in rows[0]["kernels"]} == {"_ln_fwd_kernel", "_ln_bwd_kernel"}
+    fwd, bwd = rows[0]["launches_forward"], rows[0]["launches_backward"]
+    assert (fwd, bwd) == ((5, 5) if strategy == "stepwise" else (1, 1))
+    with ln_launches(strategy, layers=2, T=5):
+        m(x)[0].sum().backward()
+    from fastrnn.explain import format_explanation
+    assert "LayerNorm cell" in format_explanation(rows)

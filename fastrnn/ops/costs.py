@@ -112,12 +112,45 @@ def _stepwise(problem: Problem, plan: Plan, cfg, save: bool) -> dict:
                        "pointwise gate gradients from L2; the kernel boundary is the barrier"))
 
 
+def _layer_norm(problem: Problem, plan: Plan, cfg, forward: bool, save: bool) -> dict:
+    """LayerNorm layers (ops/layernorm.py): a program owns whole rows and streams W_hh."""
+    isz, acc = problem.itemsize, 8 if problem.itemsize == 8 else 4
+    G, H, BB, bh, bk = problem.G, problem.H, cfg.block_b, cfg.block_h, cfg.block_k
+    copies = operand_copies(problem)
+    lstm = problem.mode == _modes.LSTM
+    Hp, Kp = triton.cdiv(H, bh) * bh, triton.cdiv(H, bk) * bk
+    weights = G * Hp * Kp * isz                       # all of W_hh, tile by tile
+    state = triton.cdiv(H, bh) * BB * Kp * isz        # the state (or dq) per unit chunk
+    row = BB * G * Hp * acc                           # one scratch row of the batch tile
+    if forward:
+        read = weights + state + BB * G * Hp * isz + 3 * row + (3 * BB * Hp * acc if lstm else 0)
+        write = row + BB * Hp * isz + (BB * Hp * acc if lstm else 0)
+        if save:
+            write += BB * 4 * Hp * isz + row + (BB * Hp * acc if lstm else 0)
+        model = (f"all of W_hh [{G * Hp}x{Kp}] streamed from L2 through shared memory in "
+                 f"{bh}x{bk} tiles, the state per unit chunk; the products through a scratch row "
+                 "(written once, read three times), the cell state (LSTM) twice more; "
+                 "barriers inside the program only")
+    else:
+        read = weights + state + BB * Hp * isz + BB * 4 * Hp * isz + 3 * row \
+            + (4 * BB * Hp * acc if lstm else 0)
+        write = BB * G * Hp * isz * (3 if not lstm else 2) + row + 2 * BB * Hp * acc
+        model = (f"all of W_hh [{G * Hp}x{Kp}] streamed from L2 for dq @ W_hh; dy, the saved "
+                 "gates, normalised products and statistics of its rows; writes the gate "
+                 "gradients and dq; barriers inside the program only")
+    return dict(smem_read_bytes=(weights + state) * copies, l2_read_bytes=read,
+                l2_write_bytes=write, barriers=1 if plan.strategy == "stepwise" else 0,
+                launches=plan.launches_per_step[0 if forward else 1], model=model)
+
+
 def per_step(problem: Problem, plan: Plan, save: bool = True) -> dict:
     """{kernel name: the static cost of one step of it, per program} for ``plan``."""
     out = {}
     for cfg in plan.kernels:
         forward = "_fwd_" in cfg.kernel or cfg.kernel == "_projection_step_kernel"
-        if plan.strategy == "cooperative":
+        if cfg.kernel.startswith("_ln_"):
+            out[cfg.kernel] = _layer_norm(problem, plan, cfg, forward, save)
+        elif plan.strategy == "cooperative":
             out[cfg.kernel] = _cooperative(problem, plan, cfg, forward, save)
         elif plan.strategy == "persistent":
             out[cfg.kernel] = _persistent(problem, plan, cfg, forward, save)
