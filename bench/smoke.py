@@ -6,7 +6,8 @@ Runs the cooperative strategy for every cell at fp32 (TF32 on and off), fp16 and
 persistent and stepwise strategies for the LSTM at two precisions, some cases packed, then every
 strategy with the options beyond torch.nn at once (precision "options": resets, return_states,
 recurrent_grad_clip, recurrent_dropout and zoneout on a bidirectional two-layer LSTM, fp32 without
-TF32, against ``fastrnn.reference`` in float64 with the same masks). Each case runs forward and
+TF32, against ``fastrnn.reference`` in float64 with the same masks), then LayerNormLSTM /
+LayerNormGRU (precision "layernorm", the same way, against ``layer_norm_rnn_reference``). Each case runs forward and
 backward with the strategy forced, against torch.nn in float64 (fastrnn's error within 2x of
 torch.nn's own in the same precision: fastrnn/parity.py), reads every cooperative
 barrier's error flag after a synchronize, counts the launches per kernel where they happen, and
@@ -40,7 +41,54 @@ def cases(dry_run: bool) -> list[tuple]:
     out += [(s, "LSTM", p, s == "stepwise") for s in ("persistent", "stepwise")
             for p in ("fp16", "tf32")]
     out += [(s, "LSTM", "options", False) for s in ("cooperative", "persistent", "stepwise")]
+    out += [("persistent", "LSTM", "layernorm", False), ("stepwise", "LSTM", "layernorm", False),
+            ("persistent", "GRU", "layernorm", True)]
     return out
+
+
+def layer_norm_error(cell, packed, device, T, B, I, H) -> float:
+    """LayerNormLSTM / LayerNormGRU (bidirectional, two layers, fp32 without TF32; gains and
+    biases away from 1 and 0), forward and backward, against the float64 reference: the largest
+    error relative to each output's and gradient's scale."""
+    import fastrnn
+    from fastrnn import _modes
+    from fastrnn.reference import layer_norm_rnn_reference
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    torch.manual_seed(0)
+    m = getattr(fastrnn, "LayerNorm" + cell)(I, H, num_layers=2, bidirectional=True).to(device)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.startswith("ln_"):
+                p.add_(0.3 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, B, I, generator=g).to(device)
+    lengths = torch.randint(1, T + 1, (B,), generator=g) if packed else None
+    if packed:
+        lengths[0] = T
+    leaf = x.clone().requires_grad_()
+    if packed:
+        out, hidden = m(pack_padded_sequence(leaf, lengths, enforce_sorted=False))
+        out = pad_packed_sequence(out, total_length=T)[0]
+    else:
+        out, hidden = m(leaf)
+    got = [out] + (list(hidden) if cell == "LSTM" else [hidden])
+    params = {k: v.detach().double().requires_grad_() for k, v in m.named_parameters()}
+    x64 = x.double().requires_grad_()
+    y, hn, cn = layer_norm_rnn_reference(_modes.MODE_IDS[cell], x64, params, 2, True,
+                                         lengths=lengths)
+    if packed:
+        valid = (torch.arange(T)[:, None] < lengths[None, :]).to(device)[:, :, None]
+        y = torch.where(valid, y, 0)
+    want = [y, hn] + ([cn] if cn is not None else [])
+    ups = [torch.randn(t.shape, generator=g).to(device, torch.float64) for t in want]
+    g_got = torch.autograd.grad(got, [leaf] + list(m.parameters()), [u.float() for u in ups])
+    g_want = torch.autograd.grad(want, [x64] + list(params.values()), ups)
+    error = 0.0
+    for a, b in zip(got + list(g_got), want + list(g_want)):
+        scale = b.abs().max().item() or 1.0
+        error = max(error, (a.double() - b).abs().max().item() / scale)
+    return error
 
 
 OPTIONS_TOLERANCE = 1e-3   # largest error, relative to each tensor's scale, of the options case
@@ -108,6 +156,8 @@ def run_case(strategy, cell, precision, packed, device, sizes) -> dict:
         with dispatch.force_strategy(strategy):
             if precision == "options":
                 _check_options(row, device, T, B, I, H)
+            elif precision == "layernorm":
+                _check_options(row, device, T, B, I, H, cell, packed)
             else:
                 _check_parity(row, cell, precision, packed, device, T, B, I, H)
             cooperative.check_errors()
@@ -157,9 +207,11 @@ def _check_parity(row, cell, precision, packed, device, T, B, I, H) -> None:
             row["train_step_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
 
 
-def _check_options(row, device, T, B, I, H) -> None:
-    """The options case against the float64 reference (``options_error``)."""
-    error = options_error(device, T, B, I, H)
+def _check_options(row, device, T, B, I, H, layer_norm_cell=None, packed=False) -> None:
+    """The options case (or, with ``layer_norm_cell``, a LayerNorm layer) against the float64
+    reference (``options_error``, ``layer_norm_error``)."""
+    error = (layer_norm_error(layer_norm_cell, packed, device, T, B, I, H) if layer_norm_cell
+             else options_error(device, T, B, I, H))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     row.update(ok=error <= OPTIONS_TOLERANCE, fastrnn_error=error, torch_error=None,
