@@ -293,3 +293,20 @@ def test_explain_states_the_launches_the_layer_makes(strategy):
         m(x)[0].sum().backward()
     from fastrnn.explain import format_explanation
     assert "LayerNorm cell" in format_explanation(rows)
+
+
+def test_torch_func_grad_and_vmap():
+    """torch.func.grad through the kernels equals autograd's; vmap runs (torch's per-sample
+    fallback: no batching rule of the LayerNorm op)."""
+    m = _module("gru", num_layers=1)
+    x = torch.randn(3, 2, 3, dtype=DT, device=DEVICE)
+    params = dict(m.named_parameters())
+    before = LAUNCHES["_ln_bwd_kernel"]
+    got = torch.func.grad(lambda p: torch.func.functional_call(m, p, (x,))[0].sum())(params)
+    assert LAUNCHES["_ln_bwd_kernel"] > before
+    want = torch.autograd.grad(m(x)[0].sum(), list(params.values()))
+    for name, w in zip(params, want):
+        torch.testing.assert_close(got[name], w, atol=1e-12, rtol=1e-12)
+    with pytest.warns(UserWarning, match="batching rule for fastrnn::ln_recurrence"):
+        y = torch.func.vmap(lambda t: m(t)[0])(torch.stack([x, 2 * x]))
+    torch.testing.assert_close(y[1], m(2 * x)[0], atol=1e-12, rtol=1e-12)

@@ -320,9 +320,26 @@ torch.library.register_autograd("fastrnn::ln_recurrence", _backward,
                                 setup_context=_setup_context)
 
 
+class LNRecurrence(torch.autograd.Function):
+    """The same autograd as a torch.autograd.Function with ``setup_context``, so that torch.func's
+    transforms (grad, vjp, jacrev) work through it eagerly (they refuse the Function that
+    ``register_autograd`` generates); torch.compile runs the op itself."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*args):
+        return ln_recurrence_op(*args)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+
 def ln_recurrence(xg, h0, c0, w_hh, b_hn, g_h, g_c, b_c, lengths, mode: int, batch_first: bool,
                   save: bool, strategy: str):
     """The differentiable LayerNorm recurrence of one layer (all its directions). Returns
     ``(y, h_n, c_n, gates, cell, qhat, stats)``."""
-    return ln_recurrence_op(xg, h0, c0, w_hh, b_hn, g_h, g_c, b_c, lengths, mode, batch_first,
-                            save, strategy)
+    args = (xg, h0, c0, w_hh, b_hn, g_h, g_c, b_c, lengths, mode, batch_first, save, strategy)
+    if torch.compiler.is_compiling():
+        return ln_recurrence_op(*args)
+    return LNRecurrence.apply(*args)
