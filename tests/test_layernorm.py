@@ -310,3 +310,18 @@ def test_torch_func_grad_and_vmap():
     with pytest.warns(UserWarning, match="batching rule for fastrnn::ln_recurrence"):
         y = torch.func.vmap(lambda t: m(t)[0])(torch.stack([x, 2 * x]))
     torch.testing.assert_close(y[1], m(2 * x)[0], atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_padded_training_step_reads_nothing_on_the_host(cell, monkeypatch):
+    """As torch.nn twins' (tests/test_ecosystem.py): the padded forward and backward never read
+    a tensor's values on the host nor copy one across devices (what CUDA graph capture needs)."""
+    from tests.test_ecosystem import _record_host_reads
+
+    m = _module(cell)
+    x = torch.randn(4, 3, 3, dtype=DT, device=DEVICE, requires_grad=True)
+    calls = _record_host_reads(monkeypatch)
+    out, hidden = m(x)
+    out.sum().backward()
+    assert calls == []
+    assert x.grad is not None
