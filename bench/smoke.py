@@ -81,14 +81,8 @@ def layer_norm_error(cell, packed, device, T, B, I, H) -> float:
         valid = (torch.arange(T)[:, None] < lengths[None, :]).to(device)[:, :, None]
         y = torch.where(valid, y, 0)
     want = [y, hn] + ([cn] if cn is not None else [])
-    ups = [torch.randn(t.shape, generator=g).to(device, torch.float64) for t in want]
-    g_got = torch.autograd.grad(got, [leaf] + list(m.parameters()), [u.float() for u in ups])
-    g_want = torch.autograd.grad(want, [x64] + list(params.values()), ups)
-    error = 0.0
-    for a, b in zip(got + list(g_got), want + list(g_want)):
-        scale = b.abs().max().item() or 1.0
-        error = max(error, (a.double() - b).abs().max().item() / scale)
-    return error
+    return _scaled_error(got, [leaf] + list(m.parameters()), want,
+                         [x64] + list(params.values()), g)
 
 
 OPTIONS_TOLERANCE = 1e-3   # largest error, relative to each tensor's scale, of the options case
@@ -121,9 +115,16 @@ def options_error(device, T, B, I, H) -> float:
     want = list(rnn_reference(
         _modes.LSTM, x64, params, 2, True, None, resets=resets, clip=0.5, states=True,
         masks=[(None, r.double()) for _, r in masks], zoneout=zone))
-    ups = [torch.randn(t.shape, generator=g).to(device, torch.float64) for t in want]
-    g_got = torch.autograd.grad(got, leaves + list(m.parameters()), [u.float() for u in ups])
-    g_want = torch.autograd.grad(want, [x64] + list(params.values()), ups)
+    return _scaled_error(got, leaves + list(m.parameters()), want,
+                         [x64] + list(params.values()), g)
+
+
+def _scaled_error(got, inputs, want, inputs64, g) -> float:
+    """The largest error of the outputs ``got`` and their gradients (random upstream gradients
+    from ``g``) against the float64 ``want``, relative to each tensor's scale."""
+    ups = [torch.randn(t.shape, generator=g).to(t.device, torch.float64) for t in want]
+    g_got = torch.autograd.grad(got, inputs, [u.float() for u in ups])
+    g_want = torch.autograd.grad(want, inputs64, ups)
     error = 0.0
     for a, b in zip(got + list(g_got), want + list(g_want)):
         scale = b.abs().max().item() or 1.0

@@ -26,27 +26,13 @@ from torch import Tensor
 
 from .. import _modes
 from . import dispatch, layernorm, select
-from .args import acc_dtype, tl_acc
+from .args import _Common, acc_dtype, tl_acc
 from .recurrence import _previous_states, gemm_precision
 
 
 @dataclasses.dataclass(frozen=True)
-class _Args:
-    mode: int
-    T: int
-    B: int
-    H: int
-    D: int
-    precision: str
-    w_hh: Tensor
-
-    @property
-    def G(self) -> int:
-        return _modes.NUM_GATES[self.mode]
-
-    @property
-    def NSAVE(self) -> int:
-        return _modes.NUM_SAVED[self.mode]
+class _Args(_Common):
+    w_hh: Tensor = None
 
     @property
     def ACC(self):
@@ -174,7 +160,7 @@ def ln_recurrence_op(xg: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
     q = torch.empty(D, B, GH, dtype=acc, device=device)
     cs = torch.empty(2, D, B, H, dtype=acc, device=device) if is_lstm else q
     args = LayerNormArgs(
-        mode=mode, T=T, B=B, H=H, D=D, precision=select.precision(w_hh.dtype, device),
+        mode=mode, T=T, B=B, H=H, P=H, D=D, precision=select.precision(w_hh.dtype, device),
         w_hh=w_hh.contiguous(), xg=xg, h0=h0.contiguous(),
         c0=c0.contiguous() if is_lstm else None,
         b_hn=b_hn.contiguous() if b_hn is not None else None, g_h=g_h.contiguous(),
@@ -237,7 +223,7 @@ def ln_recurrence_backward(dy: Tensor, dhn: Tensor, dcn: Optional[Tensor], xg: T
     scratch = (torch.empty(D, B, H, dtype=acc, device=device), keep, dcs,
                torch.empty(D, B, GH, dtype=acc, device=device))
     args = LayerNormGradArgs(
-        mode=mode, T=T, B=B, H=H, D=D, precision=select.precision(w_hh.dtype, device),
+        mode=mode, T=T, B=B, H=H, P=H, D=D, precision=select.precision(w_hh.dtype, device),
         w_hh=w_hh.contiguous(), dy=dy.contiguous(), y=y, h0=h0.contiguous(),
         c0=c0.contiguous() if is_lstm else None, gates=gates, cell=_some(cell), qhat=qhat,
         stats=stats, g_h=g_h.contiguous(), g_c=g_c.contiguous() if is_lstm else None,
