@@ -122,7 +122,8 @@ def rnn(mode: int, input: Tensor, hx: Tensor, cx: Tensor | None, weights: list[T
     dtype = _compute_dtype(input)
     is_lstm = mode == _modes.LSTM
     # An LSTM's cell states of every step are what its forward saves for the backward.
-    save = _needs_grad([input, hx, cx, *weights]) or (states and is_lstm)
+    save = _needs_grad([input, hx, cx, *weights, *(
+        t for layer in layer_norm or () for per in layer for t in per)]) or (states and is_lstm)
     if resets is not None and batch_first:
         resets = resets.transpose(0, 1)     # the op's time-major view
 
@@ -182,15 +183,17 @@ def _ln_layer(mode, x, w_ih, params, ln, h0, c0, w_hh, H, bias, dtype, lengths, 
 
     D, GH = len(params), w_ih.shape[0] // len(params)
     g_x, b_x, g_h, b_h = (_stack([p[k] for p in ln]).to(dtype) for k in range(4))
-    shift = b_x + b_h
+    inner = b_h        # what adds to LN_h's output: its bias and b_hh
+    outer = b_x        # what adds to LN_x's output: its bias and b_ih
     if bias:
-        shift = shift + _stack([p.b_ih + p.b_hh for p in params]).to(dtype)
+        inner = inner + _stack([p.b_hh for p in params]).to(dtype)
+        outer = outer + _stack([p.b_ih for p in params]).to(dtype)
     b_hn = None
-    if mode == _modes.GRU:  # the n parts of LN_h's bias and b_hh go inside r * (.)
-        b_hn = b_h[:, 2 * H:]
-        if bias:
-            b_hn = b_hn + _stack([p.b_hh[2 * H:] for p in params]).to(dtype)
-        shift = shift - F.pad(b_hn, (2 * H, 0))
+    if mode == _modes.GRU:  # the n part of ``inner`` sits inside r * (.)
+        shift = torch.cat([outer[:, :2 * H] + inner[:, :2 * H], outer[:, 2 * H:]], dim=-1)
+        b_hn = inner[:, 2 * H:]
+    else:
+        shift = outer + inner
     proj = F.linear(x, w_ih).unflatten(-1, (D, GH))   # the caller's layout, batch-major or not
     xg = (F.layer_norm(proj, (GH,), eps=LN_EPS) * g_x + shift).flatten(-2)
     if batch_first:

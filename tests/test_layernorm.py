@@ -325,3 +325,17 @@ def test_padded_training_step_reads_nothing_on_the_host(cell, monkeypatch):
     out.sum().backward()
     assert calls == []
     assert x.grad is not None
+
+
+def test_training_only_the_layer_norm_parameters():
+    """The LayerNorm gains and biases alone require grad (everything else frozen): the forward
+    still saves what the backward needs, and their gradients match the reference's."""
+    m = _module("lstm", num_layers=1)
+    for name, p in m.named_parameters():
+        p.requires_grad_(name.startswith("ln_"))
+    x = torch.randn(4, 2, 3, dtype=DT, device=DEVICE)
+    ln = [p for n, p in m.named_parameters() if n.startswith("ln_")]
+    got = torch.autograd.grad(m(x)[0].sum(), ln)
+    y, _, _ = layer_norm_rnn_reference(_modes.LSTM, x, dict(m.named_parameters()), 1, True)
+    for a, b in zip(got, torch.autograd.grad(y.sum(), ln)):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-11)
