@@ -232,3 +232,21 @@ def cell(mode: int, input: Tensor, hx: Tensor, cx: Tensor | None, w_ih: Tensor, 
         cx.to(dtype).unsqueeze(0) if is_lstm else None, w_hh, b_hn, None,
         None, mode, False, save, _strategy(mode, h0, w_hh), None, clip)
     return h[0], (c[0] if is_lstm else None)
+
+
+def layer_norm_cell(mode: int, input: Tensor, hx: Tensor, cx: Tensor | None, w_ih: Tensor,
+                    w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None, ln: tuple
+                    ) -> tuple[Tensor, Tensor | None]:
+    """One step of a LayerNorm cell (``LayerNormLSTMCell``, ``LayerNormGRUCell``): the LayerNorm
+    op for a single step of a single direction. ``ln`` is ``(g_ih, b_ih, g_hh, b_hh, g_cell,
+    b_cell)``. Returns ``(h', c')`` with ``c'`` None but for LSTM."""
+    dtype = _compute_dtype(input)
+    H = w_hh.shape[1]
+    params = [LayerParams(w_ih, w_hh, b_ih, b_hh, None)]
+    is_lstm = mode == _modes.LSTM
+    save = _needs_grad([input, hx, cx, w_ih, w_hh, b_ih, b_hh, *ln])
+    _, h, c = _ln_layer(mode, input.to(dtype).unsqueeze(0), w_ih.to(dtype), params, [ln],
+                        hx.to(dtype).unsqueeze(0), cx.to(dtype).unsqueeze(0) if is_lstm else None,
+                        w_hh.to(dtype).unsqueeze(0), H, b_ih is not None, dtype, None, False,
+                        save)
+    return h[0], (c[0] if is_lstm else None)

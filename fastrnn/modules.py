@@ -454,7 +454,7 @@ class _LayerNorm:
         with torch.no_grad():
             for name, p in self.named_parameters():
                 if name.startswith("ln_"):
-                    p.fill_(1.0 if "_weight_" in name else 0.0)
+                    p.fill_(1.0 if "_weight" in name else 0.0)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()   # torch.nn's uniform init of every parameter
@@ -511,6 +511,13 @@ class _CellBase(_ClipOption):
         kernels = use_kernels(input.device)
         announce(type(self).__name__, input.device, kernels)
         clip = getattr(self, "recurrent_grad_clip", None)
+        layer_norm = self._layer_norm_params()
+        if not kernels and layer_norm is not None:
+            raise RuntimeError(
+                f"fastrnn: LayerNorm cells run in fastrnn's kernels, which do not run here "
+                f"(backend {get_backend()!r} for {input.device.type} tensors). Use CUDA tensors, "
+                "or set TRITON_INTERPRET=1 before importing fastrnn to run the kernels on the "
+                "CPU.")
         if not kernels:
             if clip is not None and hx is not None:
                 # torch.nn's cell, with the gradient into hx clamped on its way back: the same
@@ -546,13 +553,23 @@ class _CellBase(_ClipOption):
             mode = _modes.LSTM if is_lstm else _modes.GRU
         hiddens = list(hx) if is_lstm else [hx]
         self._check(input, hiddens)
-        h, c = functional.cell(mode, input, hiddens[0], hiddens[1] if is_lstm else None,
-                               self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-                               clip or 0.0)
+        if layer_norm is not None:
+            h, c = functional.layer_norm_cell(mode, input, hiddens[0],
+                                              hiddens[1] if is_lstm else None, self.weight_ih,
+                                              self.weight_hh, self.bias_ih, self.bias_hh,
+                                              layer_norm)
+        else:
+            h, c = functional.cell(mode, input, hiddens[0], hiddens[1] if is_lstm else None,
+                                   self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+                                   clip or 0.0)
         if not is_batched:
             h = h.squeeze(0)
             c = c.squeeze(0) if is_lstm else None
         return (h, c) if is_lstm else h
+
+    def _layer_norm_params(self):
+        """The LayerNorm parameters (LayerNormLSTMCell / LayerNormGRUCell), or None."""
+        return None
 
     def _check(self, input, hiddens) -> None:
         if input.size(1) != self.input_size:
@@ -603,3 +620,46 @@ class GRUCell(_CellBase, nn.GRUCell):
     ``recurrent_grad_clip=None`` (keyword) clamps the gradient flowing into ``hx``."""
 
     _torch_cell = nn.GRUCell
+
+
+class _LayerNormCell:
+    """LayerNorm cells: one step of ``LayerNormLSTM`` / ``LayerNormGRU`` (one layer, one
+    direction), with torch.nn's cell arguments and parameters plus ``ln_ih_weight``,
+    ``ln_ih_bias``, ``ln_hh_weight``, ``ln_hh_bias`` ([G*H]) and, for the LSTM,
+    ``ln_cell_weight``, ``ln_cell_bias`` ([H]), set to 1 and 0."""
+
+    _norms = ("ih", "hh")
+
+    def __init__(self, *args, **kwargs):
+        if kwargs.get("recurrent_grad_clip"):
+            raise ValueError(f"{type(self).__name__} does not take recurrent_grad_clip")
+        super().__init__(*args, **kwargs)
+        w = self.weight_hh
+        for norm in self._norms:
+            n = self.hidden_size if norm == "cell" else w.shape[0]
+            for kind in ("weight", "bias"):
+                self.register_parameter(f"ln_{norm}_{kind}", nn.Parameter(
+                    torch.empty(n, device=w.device, dtype=w.dtype)))
+        self._reset_layer_norm()
+
+    _reset_layer_norm = _LayerNorm._reset_layer_norm
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()   # torch.nn's uniform init of every parameter
+        self._reset_layer_norm()
+
+    def _layer_norm_params(self):
+        return tuple(getattr(self, f"ln_{norm}_{kind}", None)
+                     for norm in ("ih", "hh", "cell") for kind in ("weight", "bias"))
+
+
+class LayerNormLSTMCell(_LayerNormCell, LSTMCell):
+    """One step of :class:`LayerNormLSTM`: ``torch.nn.LSTMCell``'s arguments, inputs and outputs,
+    plus the LayerNorm parameters (``_LayerNormCell``)."""
+
+    _norms = ("ih", "hh", "cell")
+
+
+class LayerNormGRUCell(_LayerNormCell, GRUCell):
+    """One step of :class:`LayerNormGRU`: ``torch.nn.GRUCell``'s arguments, inputs and outputs,
+    plus the LayerNorm parameters (``_LayerNormCell``)."""

@@ -339,3 +339,49 @@ def test_training_only_the_layer_norm_parameters():
     y, _, _ = layer_norm_rnn_reference(_modes.LSTM, x, dict(m.named_parameters()), 1, True)
     for a, b in zip(got, torch.autograd.grad(y.sum(), ln)):
         torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-11)
+
+
+CELL_CLASSES = {"lstm": fastrnn.LayerNormLSTMCell, "gru": fastrnn.LayerNormGRUCell}
+
+
+@pytest.mark.parametrize("unbatched", [False, True])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cells_are_one_step_of_the_layer(cell, unbatched):
+    """LayerNormLSTMCell / LayerNormGRUCell: one step of the layer's maths (the reference with
+    the cell's parameters as layer 0's), forward and every gradient, through the kernels (one
+    launch each way); torch.nn's cell inputs, including unbatched."""
+    torch.manual_seed(0)
+    m = CELL_CLASSES[cell](3, 5).to(DEVICE, DT)
+    assert torch.equal(m.ln_hh_weight, torch.ones_like(m.ln_hh_weight))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.startswith("ln_"):
+                p.add_(0.3 * torch.randn_like(p))
+    B = 1 if unbatched else 4
+    x = torch.randn(B, 3, dtype=DT, device=DEVICE, requires_grad=True)
+    h = torch.randn(B, 5, dtype=DT, device=DEVICE, requires_grad=True)
+    c = torch.randn(B, 5, dtype=DT, device=DEVICE, requires_grad=True)
+    hx = (h, c) if cell == "lstm" else h
+    with ln_launches("persistent", layers=1, T=1):
+        if unbatched:
+            out = m(x[0], tuple(t[0] for t in hx) if cell == "lstm" else hx[0])
+            got = [t[None] for t in out] if cell == "lstm" else [out[None]]
+        else:
+            out = m(x, hx)
+            got = list(out) if cell == "lstm" else [out]
+        ref = {f"{n}_l0": p for n, p in m.named_parameters()}
+        y, hn, cn = layer_norm_rnn_reference(
+            _modes.MODE_IDS[cell.upper()], x[None], ref, 1, False,
+            (h[None], c[None]) if cell == "lstm" else h[None])
+        want = [hn[0], cn[0]] if cell == "lstm" else [hn[0]]
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+        leaves = [x, h] + ([c] if cell == "lstm" else []) + list(m.parameters())
+        ups = [torch.randn_like(w) for w in want]
+        for a, b in zip(torch.autograd.grad(got, leaves, ups),
+                        torch.autograd.grad(want, leaves, ups)):
+            torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-11)
+    with pytest.raises(ValueError, match="LayerNormGRUCell does not take recurrent_grad_clip"):
+        fastrnn.LayerNormGRUCell(3, 4, recurrent_grad_clip=1.0)
+    with pytest.raises(ValueError, match="has LayerNorm parameters"):
+        fastrnn.to_torch(m)
