@@ -236,9 +236,11 @@ def _ln_fwd_kernel(
                 gc = tl.load(gc_ptr + i_d * H + o_u, mask=m_u, other=0.0).to(ACC)[None, :]
                 bc = tl.load(bc_ptr + i_d * H + o_u, mask=m_u, other=0.0).to(ACC)[None, :]
                 h_new = o * act_tanh(gc * c_hat + bc, FAST)
-                h_in = _state_tile(y_ptr, stride_yt, stride_yb, h0_ptr, t_prev, has_prev, ob64,
-                                   m_b, o_u, m_u, i_d, B, H).to(ACC)
-                h_new = tl.where(act, h_new, h_in).to(Y_DTYPE)
+                if HAS_LENGTHS:  # a row past its length keeps its state
+                    h_in = _state_tile(y_ptr, stride_yt, stride_yb, h0_ptr, t_prev, has_prev,
+                                       ob64, m_b, o_u, m_u, i_d, B, H).to(ACC)
+                    h_new = tl.where(act, h_new, h_in)
+                h_new = h_new.to(Y_DTYPE)
                 tl.store(p_y + o_u[None, :], h_new, mask=m_bu)
                 tl.store(hn_ptr + p_rows * H + o_u[None, :], h_new.to(hn_ptr.dtype.element_ty),
                          mask=m_bu & last)
