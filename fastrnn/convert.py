@@ -71,7 +71,7 @@ def to_torch(module: nn.Module) -> nn.Module:
     swapped."""
     for name, m in module.named_modules():
         where = f" ({name})" if name else ""
-        if isinstance(m, (modules._LayerNorm, modules._LayerNormCell)):
+        if isinstance(m, modules._LayerNormParams):
             raise ValueError(f"fastrnn.to_torch: {type(m).__name__}{where} has LayerNorm "
                              "parameters, which torch.nn cannot express")
         if _target_class(m, TO_TORCH) is None:

@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import _modes
 from .backend import interpreting, use_kernels
-from .ops import costs, dispatch, layernorm, resources, select
+from .ops import costs, dispatch, recurrence_ln, resources, select
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "fp64": torch.float64}
@@ -42,11 +42,7 @@ def explain_problem(problem: select.Problem, spec: select.DeviceSpec, T: int, la
     """One entry per layer (the recurrence is the same problem in every layer). ``layer_norm``:
     a LayerNormLSTM / LayerNormGRU (its own kernels, ``ops/layernorm.py``)."""
     if layer_norm:
-        try:
-            the_plan = layernorm.plan(problem, spec, dispatch.forced_strategy())
-        except select.DoesNotFit as e:
-            raise RuntimeError(f"fastrnn: LayerNorm {problem.describe()} on {spec.name}: "
-                               f"{e}") from None
+        the_plan = recurrence_ln.plan_problem(problem, spec)
     else:
         the_plan = dispatch.plan(problem, spec, dispatch.forced_strategy() or None)
     fwd, bwd = the_plan.launches(T)

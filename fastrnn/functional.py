@@ -132,36 +132,32 @@ def rnn(mode: int, input: Tensor, hx: Tensor, cx: Tensor | None, weights: list[T
     for layer in range(num_layers):
         params = layer_params(weights, layer, num_directions, bias, proj_size > 0)
         w_ih = _cat([p.w_ih for p in params]).to(dtype)
-        b_x = _cat([_input_bias(mode, p, hidden_size) for p in params]).to(dtype) if bias else None
         w_hh = _stack([p.w_hh for p in params]).to(dtype)
         wmask, rmask = masks[layer] if masks is not None else (None, None)
         if wmask is not None:  # DropConnect: this call's mask on W_hh, the same for every step
             w_hh = w_hh * wmask.to(dtype)
-        b_hn = None
-        if bias and mode == _modes.GRU:
-            b_hn = _stack([p.b_hh[2 * hidden_size:] for p in params]).to(dtype)
-        w_hr = _stack([p.w_hr for p in params]).to(dtype) if proj_size > 0 else None
         rows = slice(layer * num_directions, (layer + 1) * num_directions)
         h0 = hx[rows].to(dtype)
         c0 = cx[rows].to(dtype) if is_lstm else None
         if layer_norm is not None:
             y, hn, cn = _ln_layer(mode, x, w_ih, params, layer_norm[layer], h0, c0, w_hh,
                                   hidden_size, bias, dtype, lengths, batch_first, save)
-            x = y.transpose(0, 1) if batch_first else y
-            if training and dropout > 0 and layer < num_layers - 1:
-                x = F.dropout(x, dropout, training=True)
-            h_n.append(hn)
-            c_n.append(cn)
-            continue
-        strategy = _strategy(mode, h0, w_hh)
-        y, hn, cn, _, cell = recurrence(x.transpose(0, 1) if batch_first else x, w_ih, b_x, h0,
-                                        c0, w_hh, b_hn, w_hr, lengths, mode, batch_first, save,
-                                        strategy, resets, clip, rmask,
-                                        *_zone_args(zoneout[layer] if zoneout else None))
-        if states:
-            h_all.append(y.unflatten(-1, (num_directions, -1)).transpose(1, 2))
-            if is_lstm:
-                c_all.append(cell.to(dtype).transpose(1, 2))
+        else:
+            b_x = _cat([_input_bias(mode, p, hidden_size) for p in params]).to(dtype) \
+                if bias else None
+            b_hn = None
+            if bias and mode == _modes.GRU:
+                b_hn = _stack([p.b_hh[2 * hidden_size:] for p in params]).to(dtype)
+            w_hr = _stack([p.w_hr for p in params]).to(dtype) if proj_size > 0 else None
+            strategy = _strategy(mode, h0, w_hh)
+            y, hn, cn, _, cell = recurrence(x.transpose(0, 1) if batch_first else x, w_ih, b_x,
+                                            h0, c0, w_hh, b_hn, w_hr, lengths, mode, batch_first,
+                                            save, strategy, resets, clip, rmask,
+                                            *_zone_args(zoneout[layer] if zoneout else None))
+            if states:
+                h_all.append(y.unflatten(-1, (num_directions, -1)).transpose(1, 2))
+                if is_lstm:
+                    c_all.append(cell.to(dtype).transpose(1, 2))
         x = y.transpose(0, 1) if batch_first else y
         if training and dropout > 0 and layer < num_layers - 1:
             x = F.dropout(x, dropout, training=True)

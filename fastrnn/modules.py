@@ -420,34 +420,21 @@ class GRU(_RNNBase):
         super().__init__("GRU", *args, **kwargs)
 
 
-class _LayerNorm:
-    """LayerNorm cells (Ba et al.; ``fastrnn.reference.layer_norm_rnn_reference``): torch.nn's
-    arguments and parameters, plus per layer and direction ``ln_ih_weight_l{k}``,
-    ``ln_ih_bias_l{k}``, ``ln_hh_weight_l{k}``, ``ln_hh_bias_l{k}`` ([G*H]) and, for an LSTM,
-    ``ln_cell_weight_l{k}``, ``ln_cell_bias_l{k}`` ([H]) (``_reverse`` for the second
-    direction), initialised to 1 and 0 like ``torch.nn.LayerNorm`` (eps 1e-5)."""
+class _LayerNormParams:
+    """The LayerNorm gains and biases of a layer or cell: ``ln_{norm}_{weight|bias}{suffix}``
+    for each norm of ``_norms`` ("ih", "hh": [G*H]; "cell": [H]) and each of ``_suffixes()``,
+    initialised to 1 and 0 like ``torch.nn.LayerNorm`` (eps 1e-5), also by
+    ``reset_parameters``."""
 
     _norms = ("ih", "hh")
 
-    def __init__(self, *args, **kwargs):
-        name = type(self).__name__
-        if kwargs.get("proj_size"):
-            raise ValueError(f"{name} does not take proj_size")
-        for option in ("recurrent_dropout", "zoneout", "recurrent_grad_clip"):
-            if kwargs.get(option):
-                raise ValueError(f"{name} does not take {option} (LayerNorm cells run without "
-                                 "it); weight_dropout and dropout between layers it takes")
-        super().__init__(*args, **kwargs)
-        w = self.weight_hh_l0
-        D = 2 if self.bidirectional else 1
-        for layer in range(self.num_layers):
-            for d in range(D):
-                sfx = f"l{layer}" + ("_reverse" if d else "")
-                for norm in self._norms:
-                    n = self.hidden_size if norm == "cell" else w.shape[0]
-                    for kind in ("weight", "bias"):
-                        self.register_parameter(f"ln_{norm}_{kind}_{sfx}", nn.Parameter(
-                            torch.empty(n, device=w.device, dtype=w.dtype)))
+    def _register_layer_norm(self, w: torch.Tensor) -> None:
+        for sfx in self._suffixes():
+            for norm in self._norms:
+                n = self.hidden_size if norm == "cell" else w.shape[0]
+                for kind in ("weight", "bias"):
+                    self.register_parameter(f"ln_{norm}_{kind}{sfx}", nn.Parameter(
+                        torch.empty(n, device=w.device, dtype=w.dtype)))
         self._reset_layer_norm()
 
     def _reset_layer_norm(self) -> None:
@@ -460,17 +447,39 @@ class _LayerNorm:
         super().reset_parameters()   # torch.nn's uniform init of every parameter
         self._reset_layer_norm()
 
+    def _layer_norm_of(self, sfx: str) -> tuple:
+        """``(g_ih, b_ih, g_hh, b_hh, g_cell, b_cell)`` of one suffix (the cell pair None for a
+        GRU)."""
+        return tuple(getattr(self, f"ln_{norm}_{kind}{sfx}", None)
+                     for norm in ("ih", "hh", "cell") for kind in ("weight", "bias"))
+
+
+class _LayerNorm(_LayerNormParams):
+    """LayerNorm layers (Ba et al.; ``fastrnn.reference.layer_norm_rnn_reference``): torch.nn's
+    arguments and parameters, plus per layer and direction ``ln_ih_weight_l{k}``,
+    ``ln_ih_bias_l{k}``, ``ln_hh_weight_l{k}``, ``ln_hh_bias_l{k}`` ([G*H]) and, for an LSTM,
+    ``ln_cell_weight_l{k}``, ``ln_cell_bias_l{k}`` ([H]) (``_reverse`` for the second
+    direction), initialised to 1 and 0 like ``torch.nn.LayerNorm`` (eps 1e-5)."""
+
+    def __init__(self, *args, **kwargs):
+        name = type(self).__name__
+        if kwargs.get("proj_size"):
+            raise ValueError(f"{name} does not take proj_size")
+        for option in ("recurrent_dropout", "zoneout", "recurrent_grad_clip"):
+            if kwargs.get(option):
+                raise ValueError(f"{name} does not take {option} (LayerNorm cells run without "
+                                 "it); weight_dropout and dropout between layers it takes")
+        super().__init__(*args, **kwargs)
+        self._register_layer_norm(self.weight_hh_l0)
+
+    def _suffixes(self) -> list:
+        return [f"_l{layer}" + ("_reverse" if d else "") for layer in range(self.num_layers)
+                for d in range(2 if self.bidirectional else 1)]
+
     def _layer_norm_params(self):
         D = 2 if self.bidirectional else 1
-        out = []
-        for layer in range(self.num_layers):
-            per = []
-            for d in range(D):
-                sfx = f"l{layer}" + ("_reverse" if d else "")
-                per.append(tuple(getattr(self, f"ln_{norm}_{kind}_{sfx}", None)
-                                 for norm in ("ih", "hh", "cell") for kind in ("weight", "bias")))
-            out.append(per)
-        return out
+        per = [self._layer_norm_of(sfx) for sfx in self._suffixes()]
+        return [per[layer * D:(layer + 1) * D] for layer in range(self.num_layers)]
 
     def forward(self, input, hx=None, *, resets=None, return_states=False):
         """torch.nn's forward (input, hx, outputs as the layer's torch.nn twin)."""
@@ -622,35 +631,23 @@ class GRUCell(_CellBase, nn.GRUCell):
     _torch_cell = nn.GRUCell
 
 
-class _LayerNormCell:
+class _LayerNormCell(_LayerNormParams):
     """LayerNorm cells: one step of ``LayerNormLSTM`` / ``LayerNormGRU`` (one layer, one
     direction), with torch.nn's cell arguments and parameters plus ``ln_ih_weight``,
     ``ln_ih_bias``, ``ln_hh_weight``, ``ln_hh_bias`` ([G*H]) and, for the LSTM,
     ``ln_cell_weight``, ``ln_cell_bias`` ([H]), set to 1 and 0."""
 
-    _norms = ("ih", "hh")
-
     def __init__(self, *args, **kwargs):
         if kwargs.get("recurrent_grad_clip"):
             raise ValueError(f"{type(self).__name__} does not take recurrent_grad_clip")
         super().__init__(*args, **kwargs)
-        w = self.weight_hh
-        for norm in self._norms:
-            n = self.hidden_size if norm == "cell" else w.shape[0]
-            for kind in ("weight", "bias"):
-                self.register_parameter(f"ln_{norm}_{kind}", nn.Parameter(
-                    torch.empty(n, device=w.device, dtype=w.dtype)))
-        self._reset_layer_norm()
+        self._register_layer_norm(self.weight_hh)
 
-    _reset_layer_norm = _LayerNorm._reset_layer_norm
-
-    def reset_parameters(self) -> None:
-        super().reset_parameters()   # torch.nn's uniform init of every parameter
-        self._reset_layer_norm()
+    def _suffixes(self) -> list:
+        return [""]
 
     def _layer_norm_params(self):
-        return tuple(getattr(self, f"ln_{norm}_{kind}", None)
-                     for norm in ("ih", "hh", "cell") for kind in ("weight", "bias"))
+        return self._layer_norm_of("")
 
 
 class LayerNormLSTMCell(_LayerNormCell, LSTMCell):

@@ -160,12 +160,16 @@ def launch_counts(strategy: Optional[str] = None, direction: Optional[str] = Non
 _INTERPRETER_LOCK = threading.Lock()
 
 
-def launch(strategy: str, direction: str, args, the_plan: Plan) -> None:
-    """Run one pass ("fwd" or "bwd") of ``strategy``."""
-    module = STRATEGIES[strategy]
-    run = module.forward if direction == "fwd" else module.backward
+def run_pass(run, args, the_plan: Plan) -> None:
+    """``run(args, the_plan)``: a strategy's launcher, one interpreted pass at a time."""
     if interpreting():
         with _INTERPRETER_LOCK:
             run(args, the_plan)
     else:
         run(args, the_plan)
+
+
+def launch(strategy: str, direction: str, args, the_plan: Plan) -> None:
+    """Run one pass ("fwd" or "bwd") of ``strategy``."""
+    module = STRATEGIES[strategy]
+    run_pass(module.forward if direction == "fwd" else module.backward, args, the_plan)

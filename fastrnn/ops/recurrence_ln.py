@@ -83,13 +83,10 @@ class LayerNormGradArgs(_Args):
     scratch: tuple = ()          # dh, keep [D, B, H], dc [2, D, B, H], e [D, B, G*H]
 
 
-def ln_plan(mode: int, B: int, w_hh: Tensor, device, strategy: str) -> select.Plan:
+def plan_problem(problem: select.Problem, spec: select.DeviceSpec,
+                 strategy: str = "") -> select.Plan:
     """The plan of a LayerNorm layer: ``strategy`` (forced, or "" for the choice:
     persistent). Raises RuntimeError where it cannot run, before anything launches."""
-    D, GH, H = w_hh.shape
-    problem = select.Problem(mode, B, GH // _modes.NUM_GATES[mode], H, D, w_hh.dtype,
-                             select.precision(w_hh.dtype, device))
-    spec = select.describe(device)
     strategy = strategy or dispatch.forced_strategy()
     try:
         return layernorm.plan(problem, spec, strategy)
@@ -98,22 +95,24 @@ def ln_plan(mode: int, B: int, w_hh: Tensor, device, strategy: str) -> select.Pl
                            f"{problem.describe()} on {spec.name}: {e}") from None
 
 
+def _problem(mode: int, B: int, H: int, D: int, dtype: torch.dtype, device) -> select.Problem:
+    return select.Problem(mode, B, H, H, D, dtype, select.precision(dtype, device))
+
+
+def ln_plan(mode: int, B: int, w_hh: Tensor, device, strategy: str) -> select.Plan:
+    """``plan_problem`` for a layer's W_hh on ``device``."""
+    D, GH, H = w_hh.shape
+    return plan_problem(_problem(mode, B, H, D, w_hh.dtype, device), select.describe(device),
+                        strategy)
+
+
 @torch.compiler.assume_constant_result
 def ln_resolve(mode: int, B: int, H: int, D: int, dtype: torch.dtype, device) -> str:
     """The strategy of a LayerNorm layer, decided where it is called (a forced strategy is read
     on the caller's thread and recorded for the backward); "" for an empty problem."""
     if B == 0 or H == 0:
         return ""
-    w = torch.empty(D, _modes.NUM_GATES[mode] * H, H, dtype=dtype, device="meta")
-    return ln_plan(mode, B, w, device, "").strategy
-
-
-def _launch(run, args, the_plan) -> None:
-    if select.interpreting():
-        with dispatch._INTERPRETER_LOCK:
-            run(args, the_plan)
-    else:
-        run(args, the_plan)
+    return plan_problem(_problem(mode, B, H, D, dtype, device), select.describe(device)).strategy
 
 
 def _outputs(mode, xg, h0, w_hh, batch_first, save):
@@ -168,7 +167,7 @@ def ln_recurrence_op(xg: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
         lengths=None if lengths is None else lengths.to(device=device, dtype=torch.int32),
         y=y, hn=hn, cn=_some(cn), gates=_some(gates), cell=_some(cell), qhat=_some(qhat),
         stats=_some(stats), save=save, scratch=(q, cs))
-    _launch(layernorm.forward, args, the_plan)
+    dispatch.run_pass(layernorm.forward, args, the_plan)
     return outs
 
 
@@ -231,7 +230,7 @@ def ln_recurrence_backward(dy: Tensor, dhn: Tensor, dcn: Optional[Tensor], xg: T
         lengths=None if lengths is None else lengths.to(device=device, dtype=torch.int32),
         dgx=dgx, dgh=dgh, dq=dq, dh0=dh0, dc0=dc0 if is_lstm else None, dgc=dgc,
         scratch=scratch)
-    _launch(layernorm.backward, args, the_plan)
+    dispatch.run_pass(layernorm.backward, args, the_plan)
 
     # Parallel over time: dW_hh as one GEMM, the LN gains' gradients as reductions.
     grads = list(grads)

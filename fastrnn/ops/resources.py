@@ -196,7 +196,7 @@ def compile_layer_norm(problem: select.Problem, spec: select.DeviceSpec, compile
     lengths = torch.full((B,), T, dtype=torch.int64)
     compiler.used = []
     with _LOCK, select.targeting(spec, problem.precision), select.launching_with(compiler):
-        chosen = rln.ln_plan(mode, B, w_hh, torch.device("cpu"), strategy).strategy
+        chosen = rln.plan_problem(problem, spec, strategy).strategy
         y, hn, cn, gates, cell, qhat, stats = rln.ln_recurrence_op(
             xg, h0, c0, w_hh, b_hn, g_h, g_c, b_c, lengths, mode, False, True, chosen)
         rln.ln_recurrence_backward(torch.zeros_like(y), torch.zeros_like(hn),
