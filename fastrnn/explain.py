@@ -225,7 +225,8 @@ def main(args) -> int:
         print(json.dumps(rows, indent=1))
     else:
         print(format_explanation(rows, (
-            f"fastrnn explain: {'LayerNorm ' if args.layernorm else ''}{args.mode} input_size={args.input_size} "
+            f"fastrnn explain: {'LayerNorm ' if args.layernorm else ''}{args.mode} "
+            f"input_size={args.input_size} "
             f"hidden_size={args.hidden_size}{f' proj_size={P}' if args.proj_size else ''} "
             f"batch={args.batch} seq_len={args.seq_len} {args.dtype}, {args.layers} layer(s)"
             f"{', bidirectional' if args.bidirectional else ''} on {spec.name} "
