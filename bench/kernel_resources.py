@@ -34,6 +34,7 @@ import triton  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fastrnn import _modes  # noqa: E402
 from fastrnn.ops import costs, dispatch, resources, select  # noqa: E402
+from fastrnn.ops import recurrence_ln as rln  # noqa: E402
 
 CELLS = {  # label -> (mode, proj)
     "rnn_tanh": (_modes.RNN_TANH, False),
@@ -87,8 +88,20 @@ def check(spec: select.DeviceSpec, quick: bool = False, cells=None, precisions=N
         if layer_norm:
             if problem.dtype == torch.float64:
                 continue  # fp64 layers run stepwise on a GPU: no LayerNorm kernel to check
-            entries = resources.compile_layer_norm(problem, spec, compiler)
-            chosen["layernorm"] = chosen.get("layernorm", 0) + 1
+            # Both one-launch strategies where they fit (the choice is cooperative where it
+            # fits: ops/layernorm.py), each variant with its static per-step cost.
+            the_plan = rln.plan_problem(problem, spec)
+            chosen[f"layernorm {the_plan.strategy}"] = \
+                chosen.get(f"layernorm {the_plan.strategy}", 0) + 1
+            for strategy in ("persistent", "cooperative"):
+                try:
+                    entries = resources.compile_layer_norm(problem, spec, compiler, strategy)
+                except RuntimeError:
+                    continue  # does not fit (the plan says why)
+                step = costs.per_step(problem, rln.plan_problem(problem, spec, strategy))
+                for e in entries:
+                    if "per_step" not in e and e["kernel"] in step:
+                        e["per_step"] = step[e["kernel"]]
             continue
         entries = resources.compile_problem(problem, spec, compiler, beyond=beyond)
         the_plan = dispatch.plan(problem, spec)

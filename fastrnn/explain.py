@@ -79,8 +79,9 @@ def explain_problem(problem: select.Problem, spec: select.DeviceSpec, T: int, la
             "precision_text": _precision_text(problem), "device": spec.name,
             "grid": list(the_plan.grid), "kernels": kernels,
             "recurrent_grad_clip": recurrent_grad_clip, "layer_norm": layer_norm,
-            "other_strategies": {} if layer_norm else {
-                k: v for k, v in dispatch.why_not(problem, spec).items()
+            "other_strategies": {
+                k: v for k, v in (recurrence_ln.why_not(problem, spec) if layer_norm else
+                                  dispatch.why_not(problem, spec)).items()
                 if k != the_plan.strategy}}
     return [{"layer": i, **base} for i in range(layers)]
 
@@ -94,7 +95,12 @@ def format_explanation(rows: list[dict], header: str = "") -> str:
         lines.append(f"layer {r['layer']}: {r['strategy']}: {r['launches_forward']} kernel "
                      f"launch(es) per forward, {r['launches_backward']} per backward; "
                      f"{r['precision_text']}")
-        if r.get("layer_norm"):
+        if r.get("layer_norm") and r["strategy"] == "cooperative":
+            lines.append("  LayerNorm cell: the recurrent LayerNorm fused, W_hh sliced over the "
+                         "programs; each step's statistics are reduced across them (forward 2 "
+                         "grid barriers per step, backward 2 (LSTM) or 1 (GRU)); the input "
+                         "side's LayerNorm runs with the input projection, before the recurrence")
+        elif r.get("layer_norm"):
             lines.append("  LayerNorm cell: the recurrent LayerNorm fused, a program per (batch "
                          "tile, direction) owning whole rows; the input side's LayerNorm runs "
                          "with the input projection, before the recurrence")

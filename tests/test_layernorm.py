@@ -19,27 +19,43 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastrnn
 from fastrnn import _modes
+from fastrnn.ops import cooperative, layernorm_coop
 from fastrnn.ops.select import LAUNCHES
 from fastrnn.reference import dropout_masks, layer_norm_rnn_reference
 from tests.parity import DEVICE, refusing_torch_rnn
 
 DT = torch.float64
 CLASSES = {"lstm": fastrnn.LayerNormLSTM, "gru": fastrnn.LayerNormGRU}
-LN_STRATEGIES = ("persistent", "stepwise")
+LN_STRATEGIES = ("persistent", "cooperative", "stepwise")
+
+
+def expected_launches(strategy: str, cell: str, T: int, programs: int = 1) -> dict:
+    """The LayerNorm kernels' launches of one layer over T steps, (forward, backward) by name:
+    persistent one each; stepwise one per step; cooperative one each, or under the interpreter
+    with several programs per group one per phase (forward 2 per step and an LSTM's last h;
+    backward an LSTM's 2 per step, a GRU's 1, and dh0)."""
+    if strategy == "cooperative":
+        if programs == 1:
+            return {"_ln_fwd_coop_kernel": 1, "_ln_bwd_coop_kernel": 1}
+        lstm = cell == "lstm"
+        return {"_ln_fwd_coop_kernel": 2 * T + lstm, "_ln_bwd_coop_kernel": (1 + lstm) * T + 1}
+    per = T if strategy == "stepwise" else 1
+    return {"_ln_fwd_kernel": per, "_ln_bwd_kernel": per}
 
 
 @contextlib.contextmanager
-def ln_launches(strategy: str, layers: int, T: int, backward: bool = True):
+def ln_launches(strategy: str, layers: int, T: int, backward: bool = True, cell: str = "lstm",
+                programs: int = 1):
     """Force ``strategy``; torch's RNN ops refused; exactly the LayerNorm kernels' launches of
     ``layers`` layers over ``T`` steps (and no other fastrnn kernel)."""
     before = collections.Counter(LAUNCHES)
     with fastrnn.force_strategy(strategy), refusing_torch_rnn():
         yield
     grown = {k: n - before[k] for k, n in LAUNCHES.items() if n != before[k]}
-    per = T if strategy == "stepwise" else 1
-    want = {"_ln_fwd_kernel": layers * per}
+    fwd, bwd = expected_launches(strategy, cell, T, programs).items()
+    want = {fwd[0]: layers * fwd[1]}
     if backward:
-        want["_ln_bwd_kernel"] = layers * per
+        want[bwd[0]] = layers * bwd[1]
     assert grown == want, f"{strategy}: launched {grown}, expected {want}"
 
 
@@ -121,8 +137,33 @@ def _check(m, kind="padded", T=5, B=4, seed=1, training=True, masks_seed=None):
 def test_matches_the_reference(cell, strategy, kind):
     """A bidirectional two-layer stack, forward and every gradient."""
     m = _module(cell)
-    with ln_launches(strategy, layers=2, T=5):
+    with ln_launches(strategy, layers=2, T=5, cell=cell):
         _check(m, kind)
+
+
+@pytest.mark.parametrize("programs", [3, 5])
+@pytest.mark.parametrize("kind", ["padded", "packed"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cooperative_reduces_across_programs(cell, kind, programs, monkeypatch):
+    """H=5 in slices of 2 and 1 units: 3 and 5 programs per group, each with a part of every
+    step's statistics (LN_h's, LN_c's and the backward's row sums), exchanged and combined
+    across programs; under the interpreter one launch per phase (the launch boundary is the
+    grid barrier). B=18 in two batch chunks."""
+    monkeypatch.setattr(cooperative, "INTERPRETER_SLICE", {3: 2, 5: 1}[programs])
+    m = _module(cell)
+    with ln_launches("cooperative", layers=2, T=5, cell=cell, programs=programs):
+        _check(m, kind, B=18 if kind == "padded" else 4)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cooperative_batch_groups(cell, monkeypatch):
+    """Batch tiles as groups of their own (as on a GPU at large batch): B=40 in groups of 16
+    rows (the last one short), 3 programs each; every group reduces its own rows."""
+    monkeypatch.setattr(cooperative, "INTERPRETER_SLICE", 2)
+    monkeypatch.setattr(layernorm_coop, "INTERPRETER_GROUP_ROWS", 16)
+    m = _module(cell, num_layers=1)
+    with ln_launches("cooperative", layers=1, T=3, cell=cell, programs=3):
+        _check(m, T=3, B=40)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -134,10 +175,13 @@ def test_unit_chunks_and_batch_tiles(cell):
         _check(m, T=3, B=18)
 
 
+@pytest.mark.parametrize("strategy", ["persistent", "cooperative"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_gradcheck_through_the_kernels(cell):
+def test_gradcheck_through_the_kernels(cell, strategy, monkeypatch):
     """Finite differences of the kernels themselves (float64; the inputs the recurrent LN
-    acts on: x, the initial states, W_hh and LN_h's and LN_c's gains and biases)."""
+    acts on: x, the initial states, W_hh and LN_h's and LN_c's gains and biases); cooperative
+    with 2 programs per group."""
+    monkeypatch.setattr(cooperative, "INTERPRETER_SLICE", 2)
     m = _module(cell, H=3, num_layers=1, bidirectional=True)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 2, 3, generator=g, dtype=DT).to(DEVICE).requires_grad_()
@@ -151,11 +195,12 @@ def test_gradcheck_through_the_kernels(cell):
                                                  (x, (h0, c0) if cell == "lstm" else h0))
         return (out,) + (tuple(hidden) if cell == "lstm" else (hidden,))
 
-    before = LAUNCHES["_ln_bwd_kernel"]
-    with refusing_torch_rnn():
+    bwd = "_ln_bwd_coop_kernel" if strategy == "cooperative" else "_ln_bwd_kernel"
+    before = LAUNCHES[bwd]
+    with refusing_torch_rnn(), fastrnn.force_strategy(strategy):
         assert torch.autograd.gradcheck(f, (x, h0, c0, *params), atol=1e-8, rtol=1e-6,
                                         fast_mode=True)
-    assert LAUNCHES["_ln_bwd_kernel"] > before
+    assert LAUNCHES[bwd] > before
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -212,17 +257,13 @@ def test_options_it_does_not_take_raise(kwargs, match):
         fastrnn.LayerNormLSTM(3, 4, **kwargs)
 
 
-def test_forward_options_and_cooperative_raise():
+def test_forward_options_raise():
     m = _module("gru")
     x = torch.randn(4, 2, 3, dtype=DT, device=DEVICE)
     with pytest.raises(ValueError, match="LayerNormGRU does not take resets or return_states"):
         m(x, resets=torch.zeros(4, 2, dtype=torch.bool, device=DEVICE))
     with pytest.raises(ValueError, match="does not take resets or return_states"):
         m(x, return_states=True)
-    with fastrnn.force_strategy("cooperative"), pytest.raises(
-            RuntimeError, match="strategy 'cooperative' cannot run LayerNorm GRU.*reduction "
-                                "across programs is not built"):
-        m(x)
 
 
 def test_bad_input_raises_as_torch_nn():
@@ -286,9 +327,10 @@ def test_explain_states_the_launches_the_layer_makes(strategy):
         rows = fastrnn.explain(m, x)
     assert [r["strategy"] for r in rows] == [strategy, strategy]
     assert all(r["layer_norm"] for r in rows)
-    assert {k["kernel"] for k in rows[0]["kernels"]} == {"_ln_fwd_kernel", "_ln_bwd_kernel"}
+    want = expected_launches(strategy, "lstm", T=5)
+    assert {k["kernel"] for k in rows[0]["kernels"]} == set(want)
     fwd, bwd = rows[0]["launches_forward"], rows[0]["launches_backward"]
-    assert (fwd, bwd) == ((5, 5) if strategy == "stepwise" else (1, 1))
+    assert (fwd, bwd) == tuple(want.values())
     with ln_launches(strategy, layers=2, T=5):
         m(x)[0].sum().backward()
     from fastrnn.explain import format_explanation

@@ -67,6 +67,28 @@ _BWD_OPTIONAL = {**_LENGTHS, "HAS_DCELL": lambda a: a["dcell_ptr"] is not None,
 
 
 @triton.jit
+def _own_rows(w_hh_ptr, i_d, i_j, o_k, m_k, H, G: tl.constexpr, GP: tl.constexpr,
+              BLOCK_H: tl.constexpr):
+    """The forward's slice: program i_j's rows of W_hh[d], all gates stacked, [GP*BLOCK_H, K]:
+    row r is gate r // BLOCK_H of unit i_j * BLOCK_H + r % BLOCK_H (rows of the padding gate
+    and of units past H are zero)."""
+    o_m = tl.arange(0, GP * BLOCK_H)
+    r_gate = o_m // BLOCK_H
+    r_unit = i_j * BLOCK_H + o_m % BLOCK_H
+    m_r = (r_gate < G) & (r_unit < H)
+    return tl.load(w_hh_ptr + i_d * (G * H * H) + (r_gate * H + r_unit)[:, None] * H
+                   + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
+
+
+@triton.jit
+def _own_columns(w_hh_ptr, i_d, o_u, m_u, o_k, m_k, H, G: tl.constexpr):
+    """The backward's slice: the columns of W_hh[d] of the own units o_u, one [own, K] tile
+    per gate (as ``load_gate_tiles``)."""
+    p_w = w_hh_ptr + i_d * (G * H * H) + o_k[None, :] * H + o_u[:, None]
+    return load_gate_tiles(p_w, m_u[:, None] & m_k[None, :], H * H, G)
+
+
+@triton.jit
 def _publish(flag_ptr, value):
     """This program has finished step ``value - 1``: its stores before it become visible."""
     tl.debug_barrier()  # every thread of the program has issued its stores
@@ -141,7 +163,6 @@ def _recurrence_fwd_coop_kernel(
     NJ = tl.num_programs(0)
     NBT = tl.num_programs(1)
     D = tl.num_programs(2)
-    M: tl.constexpr = GP * BLOCK_H
     W_DTYPE = w_hh_ptr.dtype.element_ty
     Y_DTYPE = y_ptr.dtype.element_ty
     H_DTYPE = hbuf_ptr.dtype.element_ty
@@ -149,14 +170,7 @@ def _recurrence_fwd_coop_kernel(
     m_u = o_u < H
     o_k = tl.arange(0, BLOCK_K)                   # every unit: the product's inner dimension
     m_k = o_k < H
-    # This program's rows of W_hh[d], all gates stacked: row r is gate r // BLOCK_H of unit
-    # i_j * BLOCK_H + r % BLOCK_H (rows of the padding gate and of units past H are zero).
-    o_m = tl.arange(0, M)
-    r_gate = o_m // BLOCK_H
-    r_unit = i_j * BLOCK_H + o_m % BLOCK_H
-    m_r = (r_gate < G) & (r_unit < H)
-    w = tl.load(w_hh_ptr + i_d * (G * H * H) + (r_gate * H + r_unit)[:, None] * H + o_k[None, :],
-                mask=m_r[:, None] & m_k[None, :], other=0.0)
+    w = _own_rows(w_hh_ptr, i_d, i_j, o_k, m_k, H, G, GP, BLOCK_H)
     b_bhn = 0.0
     if HAS_BHN:
         b_bhn = tl.load(b_hn_ptr + i_d * H + o_u, mask=m_u, other=0.0).to(ACC)[:, None]
@@ -298,9 +312,7 @@ def _recurrence_bwd_coop_kernel(
     m_u = o_u < H
     o_k = tl.arange(0, BLOCK_K)
     m_k = o_k < H
-    # The columns of W_hh[d] of the own units, one [own, K] tile per gate.
-    p_w = w_hh_ptr + i_d * (GH * H) + o_k[None, :] * H + o_u[:, None]
-    b_w0, b_w1, b_w2, b_w3 = load_gate_tiles(p_w, m_u[:, None] & m_k[None, :], H * H, G)
+    b_w0, b_w1, b_w2, b_w3 = _own_columns(w_hh_ptr, i_d, o_u, m_u, o_k, m_k, H, G)
     p_flags = flags_ptr + (i_d * NBT + i_bt) * (NJ * FLAG_STRIDE)
     b_lo = i_bt * BT
     b_hi = tl.minimum(B, b_lo + BT)

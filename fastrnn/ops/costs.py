@@ -143,12 +143,56 @@ def _layer_norm(problem: Problem, plan: Plan, cfg, forward: bool, save: bool) ->
                 launches=plan.launches_per_step[0 if forward else 1], model=model)
 
 
+def _layer_norm_coop(problem: Problem, plan: Plan, cfg, forward: bool, save: bool) -> dict:
+    """LayerNorm layers, cooperative (ops/layernorm_coop.py): W_hh sliced, statistics reduced
+    across programs."""
+    from .cooperative import BLOCK_N, _gates_padded
+
+    isz, acc = problem.itemsize, 8 if problem.itemsize == 8 else 4
+    G, H, U, K, BT = problem.G, problem.H, cfg.block_h, cfg.block_k, cfg.block_b
+    chunks = triton.cdiv(BT, BLOCK_N)
+    copies = operand_copies(problem)
+    nj = plan.grid[0]
+    lstm = problem.mode == _modes.LSTM
+    parts = BT * nj * 2 * acc                 # every program's partial statistics of the rows
+    if forward:
+        rows = _gates_padded(G) * U
+        smem = (rows * K + K * BLOCK_N) * isz * copies * chunks
+        state = 2 * BT * H * acc + parts if lstm else BT * H * isz   # c' and o, or h
+        read = state + parts + BT * G * U * (acc + isz) + (BT * U * acc if lstm else BT * U * isz)
+        write = 2 * BT * 2 * acc + BT * G * U * acc + BT * U * isz \
+            + (2 * BT * U * acc if lstm else 0)
+        if save:
+            write += BT * 4 * U * isz + BT * G * U * acc + (BT * U * acc if lstm else 0)
+        model = (f"W slice [{rows}x{K}] + state chunk [{K}x{BLOCK_N}] from shared memory per "
+                 f"chunk ({chunks}); reads the group's exchanged "
+                 f"{'c and o (every program forms h)' if lstm else 'h'} and every program's "
+                 "partial statistics; writes its products, partials, cell and y")
+        barriers = 2
+    else:
+        smem = (G * U * K + G * K * BLOCK_N) * isz * copies * chunks
+        read = 2 * BT * G * H * acc + parts + BT * U * isz * 6 + (parts + BT * U * acc * 3
+                                                                  if lstm else 0)
+        write = BT * G * U * (isz * (2 if lstm else 3) + acc) + BT * 2 * acc \
+            + BT * U * acc * (3 if lstm else 1)
+        model = (f"W columns [{G}x{U}x{K}] + dq [{G}x{K}x{BLOCK_N}] from shared memory per chunk "
+                 f"({chunks}); reads the group's exchanged e and saved normalised products (dq "
+                 "of every unit formed on the way in), every program's partial sums, its units' "
+                 "dy and saved activations; writes its e, partials, dq, gate gradients")
+        barriers = 2 if lstm else 1
+    return dict(smem_read_bytes=smem, l2_read_bytes=read, l2_write_bytes=write,
+                barriers=barriers if nj > 1 else 0,
+                launches=plan.launches_per_step[0 if forward else 1], model=model)
+
+
 def per_step(problem: Problem, plan: Plan, save: bool = True) -> dict:
     """{kernel name: the static cost of one step of it, per program} for ``plan``."""
     out = {}
     for cfg in plan.kernels:
         forward = "_fwd_" in cfg.kernel or cfg.kernel == "_projection_step_kernel"
-        if cfg.kernel.startswith("_ln_"):
+        if cfg.kernel.startswith("_ln_") and plan.strategy == "cooperative":
+            out[cfg.kernel] = _layer_norm_coop(problem, plan, cfg, forward, save)
+        elif cfg.kernel.startswith("_ln_"):
             out[cfg.kernel] = _layer_norm(problem, plan, cfg, forward, save)
         elif plan.strategy == "cooperative":
             out[cfg.kernel] = _cooperative(problem, plan, cfg, forward, save)

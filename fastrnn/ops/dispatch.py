@@ -139,7 +139,7 @@ def strategy_kernels(strategy: str, direction: Optional[str] = None) -> tuple:
     table = STRATEGIES[check_strategy(strategy)].KERNELS
     out = tuple(k for d in ("fwd", "bwd") if direction in (None, d) for k in table[d])
     if strategy in layernorm.STRATEGIES:  # LayerNorm layers' kernels (ops/layernorm.py)
-        out += tuple(k for d, k in zip(("fwd", "bwd"), layernorm.KERNELS)
+        out += tuple(k for d, k in zip(("fwd", "bwd"), layernorm.kernels(strategy))
                      if direction in (None, d))
     return out
 

@@ -13,8 +13,8 @@ per (batch tile, direction) walks the steps, and per step
 The passes hand data between the program's threads through global memory (L1/L2) with a
 barrier between them; no other program reads them, so nothing crosses programs and the kernel
 runs under the Triton interpreter as on a GPU, for any hidden size. Parallelism is the batch
-tiles times the directions: a cooperative kernel (W_hh sliced over SMs) would need a
-cross-program reduction per step and is not built.
+tiles times the directions; ``ops/layernorm_coop.py`` slices W_hh over the SMs instead and
+reduces the statistics across programs every step (strategy ``cooperative``).
 
 The backward walks the steps in reverse: the carried dh (``dq_{t+1} @ W_hh`` plus what bypasses
 W_hh), LN_c's backward (LSTM: two passes for its two row sums), the cell's gate gradients and
@@ -22,7 +22,8 @@ LN_h's backward (two row sums), writing ``dq`` (the gradient of ``h W_hh^T``) fo
 of the step before and for dW_hh, a whole-sequence GEMM afterwards.
 
 Strategies: ``persistent`` runs every step in one launch; ``stepwise`` launches the same kernel
-once per step (the launch boundary is the barrier between steps).
+once per step (the launch boundary is the barrier between steps); ``cooperative`` is
+``ops/layernorm_coop.py``'s (the default on a GPU where W_hh's slices fit on the SMs).
 
 Folded parameters (``functional``): the input side ``xg = LN_x(W_ih x) + b_ih`` plus LN_h's bias
 and b_hh (GRU: but their n parts, ``b_hn = beta_h[n] + b_hh[n]``, which sit inside r *); the
@@ -37,6 +38,7 @@ import triton.language as tl
 from ._jit import (LSTM, act_sigmoid, act_tanh, gru_bwd_pointwise, gru_fwd_pointwise,
                    load_gate_tiles, lstm_new_cell, next_time, positive, prev_time,
                    recurrent_products, save_gates, step_time, store_gates)
+from . import layernorm_coop
 from .select import (DeviceSpec, DoesNotFit, KernelConfig, Plan, Problem, fast_activations,
                      launch_kernel, operand_copies)
 
@@ -473,8 +475,13 @@ def _ln_cell_grad(dh_ptr, gates_ptr, cell_ptr, gc_ptr, bc_ptr, p_rows, p_row, o_
 # Planning and launchers.
 
 BLOCK_B = 16
-STRATEGIES = ("persistent", "stepwise")
-KERNELS = ("_ln_fwd_kernel", "_ln_bwd_kernel")
+STRATEGIES = ("persistent", "cooperative", "stepwise")
+KERNELS = ("_ln_fwd_kernel", "_ln_bwd_kernel")   # persistent and stepwise
+
+
+def kernels(strategy: str) -> tuple:
+    """(forward, backward) kernel names of a LayerNorm strategy."""
+    return layernorm_coop.KERNELS if strategy == "cooperative" else KERNELS
 
 
 def _tile(n: int) -> int:
@@ -482,15 +489,21 @@ def _tile(n: int) -> int:
 
 
 def plan(problem: Problem, spec: DeviceSpec, strategy: str = "") -> Plan:
-    """The plan of a LayerNorm recurrence: ``persistent`` (one launch per pass, the default) or
-    ``stepwise`` (one per step). Raises DoesNotFit for any other strategy."""
-    strategy = strategy or "persistent"
-    if strategy not in STRATEGIES:
-        raise DoesNotFit("a LayerNorm layer runs 'persistent' or 'stepwise': its recurrent "
-                         "normalisation needs every unit of a step in one program (the "
-                         "cooperative kernel's reduction across programs is not built)")
+    """The plan of a LayerNorm recurrence: the forced ``strategy``, or the choice: on a GPU
+    ``cooperative`` where W_hh's slices fit on the SMs, else ``persistent``; under the
+    interpreter ``persistent`` (``cooperative`` runs there when forced). Raises DoesNotFit."""
+    if strategy and strategy not in STRATEGIES:
+        raise DoesNotFit(f"a LayerNorm layer runs one of {STRATEGIES}")
     if problem.has_proj:
         raise DoesNotFit("no proj_size")
+    if strategy == "cooperative":
+        return layernorm_coop.plan(problem, spec)
+    if not strategy and not spec.interpreter:
+        try:
+            return layernorm_coop.plan(problem, spec)
+        except DoesNotFit:
+            pass
+    strategy = strategy or "persistent"
     bh = bk = min(32, _tile(problem.H))
     # Per unit chunk and feature chunk the dots stage G weight tiles and the state tile.
     shared = (problem.G * bk * bh + BLOCK_B * bk) * problem.itemsize * operand_copies(problem)
@@ -516,6 +529,8 @@ def _ranges(T: int, stepped: bool):
 
 def forward(a, the_plan: Plan) -> None:
     """``a``: ``LayerNormArgs`` (ops/recurrence_ln.py) of the forward."""
+    if the_plan.strategy == "cooperative":
+        return layernorm_coop.forward(a, the_plan)
     cfg = the_plan.config("_ln_fwd_kernel")
     grid = (triton.cdiv(a.B, cfg.block_b), a.D)
     for s_begin, s_end in _ranges(a.T, the_plan.strategy == "stepwise"):
@@ -535,6 +550,8 @@ def forward(a, the_plan: Plan) -> None:
 
 def backward(b, the_plan: Plan) -> None:
     """``b``: ``LayerNormGradArgs`` (ops/recurrence_ln.py) of the backward."""
+    if the_plan.strategy == "cooperative":
+        return layernorm_coop.backward(b, the_plan)
     cfg = the_plan.config("_ln_bwd_kernel")
     grid = (triton.cdiv(b.B, cfg.block_b), b.D)
     dh, keep, dcs, e = b.scratch

@@ -85,14 +85,26 @@ class LayerNormGradArgs(_Args):
 
 def plan_problem(problem: select.Problem, spec: select.DeviceSpec,
                  strategy: str = "") -> select.Plan:
-    """The plan of a LayerNorm layer: ``strategy`` (forced, or "" for the choice:
-    persistent). Raises RuntimeError where it cannot run, before anything launches."""
+    """The plan of a LayerNorm layer: ``strategy`` (forced, or "" for the choice,
+    ``layernorm.plan``). Raises RuntimeError where it cannot run, before anything launches."""
     strategy = strategy or dispatch.forced_strategy()
     try:
         return layernorm.plan(problem, spec, strategy)
     except select.DoesNotFit as e:
         raise RuntimeError(f"fastrnn: strategy {strategy!r} cannot run LayerNorm "
                            f"{problem.describe()} on {spec.name}: {e}") from None
+
+
+def why_not(problem: select.Problem, spec: select.DeviceSpec) -> dict:
+    """For each LayerNorm strategy, None if it can run the problem, else the reason."""
+    out = {}
+    for name in layernorm.STRATEGIES:
+        try:
+            layernorm.plan(problem, spec, name)
+            out[name] = None
+        except select.DoesNotFit as e:
+            out[name] = str(e)
+    return out
 
 
 def _problem(mode: int, B: int, H: int, D: int, dtype: torch.dtype, device) -> select.Problem:
