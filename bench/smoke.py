@@ -7,9 +7,10 @@ persistent and stepwise strategies for the LSTM at two precisions, some cases pa
 strategy with the options beyond torch.nn at once (precision "options": resets, return_states,
 recurrent_grad_clip, recurrent_dropout and zoneout on a bidirectional two-layer LSTM, fp32 without
 TF32, against ``fastrnn.reference`` in float64 with the same masks), then LayerNormLSTM /
-LayerNormGRU (precision "layernorm", the same way, against ``layer_norm_rnn_reference``). Each case runs forward and
-backward with the strategy forced, against torch.nn in float64 (fastrnn's error within 2x of
-torch.nn's own in the same precision: fastrnn/parity.py), reads every cooperative
+LayerNormGRU (precision "layernorm", each strategy, the same way, against
+``layer_norm_rnn_reference``). Each case runs forward and backward with the strategy forced,
+against torch.nn in float64 (fastrnn's error within 2x of torch.nn's own in the same
+precision: fastrnn/parity.py), reads every cooperative
 barrier's error flag after a synchronize, counts the launches per kernel where they happen, and
 takes one timing. Each row is appended to OUT/smoke.jsonl and printed as it completes, so a run
 cut short keeps what it measured. Exit status 1 if any case failed.
@@ -41,7 +42,8 @@ def cases(dry_run: bool) -> list[tuple]:
     out += [(s, "LSTM", p, s == "stepwise") for s in ("persistent", "stepwise")
             for p in ("fp16", "tf32")]
     out += [(s, "LSTM", "options", False) for s in ("cooperative", "persistent", "stepwise")]
-    out += [("persistent", "LSTM", "layernorm", False), ("stepwise", "LSTM", "layernorm", False),
+    out += [("cooperative", "LSTM", "layernorm", True), ("cooperative", "GRU", "layernorm", False),
+            ("persistent", "LSTM", "layernorm", False), ("stepwise", "LSTM", "layernorm", False),
             ("persistent", "GRU", "layernorm", True)]
     return out
 
@@ -172,7 +174,8 @@ def run_case(strategy, cell, precision, packed, device, sizes) -> dict:
     own = set(dispatch.strategy_kernels(strategy))
     row["launches"] = launched
     if launched and not set(launched) <= own:
-        row.update(ok=False, error=f"kernels of another strategy ran: {sorted(set(launched) - own)}")
+        row.update(ok=False,
+                   error=f"kernels of another strategy ran: {sorted(set(launched) - own)}")
     elif not launched and "error" not in row:
         row.update(ok=False, error="no kernel launched")
     row["seconds"] = round(time.perf_counter() - start, 3)

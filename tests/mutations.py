@@ -228,6 +228,33 @@ MUTATIONS = (
         "        shift = outer + inner",
         ("tests/test_layernorm.py::test_matches_the_reference[gru-persistent-padded]",),
         "GRU: LN_h's n bias and b_hn sit inside r * (.)"),
+    Mutation(
+        "layernorm-coop-variance-without-the-between-programs-term",
+        "fastrnn/ops/layernorm_coop.py",
+        "    return mean, (tl.sum(m2_j, 0) + tl.sum(n_j * d * d, 0)) / (PER_UNIT * H)",
+        "    return mean, tl.sum(m2_j, 0) / (PER_UNIT * H)",
+        ("tests/test_layernorm.py::test_cooperative_reduces_across_programs[gru-padded-3]",),
+        "Chan's combination adds n_j (mean_j - mean)^2 of every program's partial"),
+    Mutation(
+        "layernorm-coop-forward-groups-all-start-at-row-0", "fastrnn/ops/layernorm_coop.py",
+        "    b_lo = i_bt * BT\n    b_hi = tl.minimum(B, b_lo + BT)\n    alive = 1\n\n"
+        "    for u in range(u_begin, u_end):\n        s = u // 2\n",
+        "    b_lo = i_bt * 0\n    b_hi = tl.minimum(B, b_lo + BT)\n    alive = 1\n\n"
+        "    for u in range(u_begin, u_end):\n        s = u // 2\n",
+        ("tests/test_layernorm.py::test_cooperative_batch_groups[gru]",),
+        "each batch group owns its rows"),
+    Mutation(
+        "layernorm-coop-own-dq-not-stored", "fastrnn/ops/layernorm_coop.py",
+        "                if k > 0:  # the own units' dq, for dW_hh",
+        "                if k < 0:  # the own units' dq, for dW_hh",
+        ("tests/test_layernorm.py::test_gradcheck_through_the_kernels[gru-cooperative]",),
+        "dW_hh is the whole-sequence GEMM of the dq every owner writes"),
+    Mutation(
+        "layernorm-coop-backward-reads-the-slot-it-writes", "fastrnn/ops/layernorm_coop.py",
+        "                slot = (k + 1) % 2",
+        "                slot = k % 2",
+        ("tests/test_layernorm.py::test_cooperative_reduces_across_programs[lstm-padded-3]",),
+        "e is double-buffered: step k reads what step k-1 exchanged"),
 )
 
 BY_NAME = {m.name: m for m in MUTATIONS}

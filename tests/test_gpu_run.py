@@ -89,19 +89,23 @@ def test_smoke_stage_runs_under_the_interpreter_and_writes_rows_as_it_goes(tmp_p
                           cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "smoke.jsonl").read_text().splitlines()]
-    assert len(rows) == 19 and all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+    assert len(rows) == 21 and all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
     assert {r["cell"] for r in rows if r["strategy"] == "cooperative"} == {"LSTM", "GRU", "RNN"}
     assert {r["strategy"] for r in rows} == {"cooperative", "persistent", "stepwise"}
     assert any(r["packed"] for r in rows)
     for r in rows:
         assert r["launches"] and all(r["strategy"] in _owner(k) for k in r["launches"])
-    assert proc.stdout.count("smoke: {") == 19  # printed as each completed
+    assert proc.stdout.count("smoke: {") == 21  # printed as each completed
     options = [r for r in rows if r["precision"] == "options"]
     assert {r["strategy"] for r in options} == {"cooperative", "persistent", "stepwise"}
     layer_norm = [r for r in rows if r["precision"] == "layernorm"]
     assert {(r["strategy"], r["cell"]) for r in layer_norm} == {
-        ("persistent", "LSTM"), ("stepwise", "LSTM"), ("persistent", "GRU")}
-    assert all(set(r["launches"]) == {"_ln_fwd_kernel", "_ln_bwd_kernel"} for r in layer_norm)
+        ("cooperative", "LSTM"), ("cooperative", "GRU"), ("persistent", "LSTM"),
+        ("stepwise", "LSTM"), ("persistent", "GRU")}
+    assert all(set(r["launches"]) == ({"_ln_fwd_coop_kernel", "_ln_bwd_coop_kernel"}
+                                      if r["strategy"] == "cooperative"
+                                      else {"_ln_fwd_kernel", "_ln_bwd_kernel"})
+               for r in layer_norm)
 
 
 def _owner(kernel):
