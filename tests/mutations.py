@@ -236,13 +236,11 @@ MUTATIONS = (
         ("tests/test_layernorm.py::test_cooperative_reduces_across_programs[gru-padded-3]",),
         "Chan's combination adds n_j (mean_j - mean)^2 of every program's partial"),
     Mutation(
-        "layernorm-coop-forward-groups-all-start-at-row-0", "fastrnn/ops/layernorm_coop.py",
-        "    b_lo = i_bt * BT\n    b_hi = tl.minimum(B, b_lo + BT)\n    alive = 1\n\n"
-        "    for u in range(u_begin, u_end):\n        s = u // 2\n",
-        "    b_lo = i_bt * 0\n    b_hi = tl.minimum(B, b_lo + BT)\n    alive = 1\n\n"
-        "    for u in range(u_begin, u_end):\n        s = u // 2\n",
+        "cooperative-groups-all-start-at-row-0", "fastrnn/ops/cooperative.py",
+        "    b_lo = i_bt * BT\n",
+        "    b_lo = i_bt * 0\n",
         ("tests/test_layernorm.py::test_cooperative_batch_groups[gru]",),
-        "each batch group owns its rows"),
+        "each batch group owns its rows (every cooperative kernel's _group)"),
     Mutation(
         "layernorm-coop-own-dq-not-stored", "fastrnn/ops/layernorm_coop.py",
         "                if k > 0:  # the own units' dq, for dW_hh",

@@ -67,6 +67,22 @@ _BWD_OPTIONAL = {**_LENGTHS, "HAS_DCELL": lambda a: a["dcell_ptr"] is not None,
 
 
 @triton.jit
+def _program():
+    """Where a cooperative program stands in its grid: (i_j, i_bt, i_d, NJ, NBT, D): axis 0 the
+    hidden slice it owns, axis 1 its group's batch tile, axis 2 the direction."""
+    return (tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0),
+            tl.num_programs(1), tl.num_programs(2))
+
+
+@triton.jit
+def _group(flags_ptr, i_bt, i_d, NJ, NBT, B, BT):
+    """A group's NJ barrier flags and its batch rows [b_lo, b_hi)."""
+    b_lo = i_bt * BT
+    return (flags_ptr + (i_d * NBT + i_bt) * (NJ * FLAG_STRIDE), b_lo,
+            tl.minimum(B, b_lo + BT))
+
+
+@triton.jit
 def _own_rows(w_hh_ptr, i_d, i_j, o_k, m_k, H, G: tl.constexpr, GP: tl.constexpr,
               BLOCK_H: tl.constexpr):
     """The forward's slice: program i_j's rows of W_hh[d], all gates stacked, [GP*BLOCK_H, K]:
@@ -157,12 +173,7 @@ def _recurrence_fwd_coop_kernel(
     HAS_BHN: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr,
     HAS_RMASK: tl.constexpr, ZH: tl.constexpr, ZC: tl.constexpr, FAST: tl.constexpr,
 ):
-    i_j = tl.program_id(0)             # hidden slice owned by this program
-    i_bt = tl.program_id(1)            # batch tile of the group
-    i_d = tl.program_id(2)             # direction
-    NJ = tl.num_programs(0)
-    NBT = tl.num_programs(1)
-    D = tl.num_programs(2)
+    i_j, i_bt, i_d, NJ, NBT, D = _program()
     W_DTYPE = w_hh_ptr.dtype.element_ty
     Y_DTYPE = y_ptr.dtype.element_ty
     H_DTYPE = hbuf_ptr.dtype.element_ty
@@ -174,9 +185,7 @@ def _recurrence_fwd_coop_kernel(
     b_bhn = 0.0
     if HAS_BHN:
         b_bhn = tl.load(b_hn_ptr + i_d * H + o_u, mask=m_u, other=0.0).to(ACC)[:, None]
-    p_flags = flags_ptr + (i_d * NBT + i_bt) * (NJ * FLAG_STRIDE)
-    b_lo = i_bt * BT
-    b_hi = tl.minimum(B, b_lo + BT)
+    p_flags, b_lo, b_hi = _group(flags_ptr, i_bt, i_d, NJ, NBT, B, BT)
     alive = 1
     # The input projections of the first batch chunk, one step ahead: the next step's are loaded
     # between publishing and waiting, so the load overlaps the barrier.
@@ -299,12 +308,7 @@ def _recurrence_bwd_coop_kernel(
     it produced, ``dh_t = dy_t + keep_t + sum_g dG_{t+1,g} W_g[:, own]`` (the previous step's gate
     gradients of every program, read after the barrier), then its own units' gate gradients.
     k_end == T finishes with dh0 (and dc0)."""
-    i_j = tl.program_id(0)
-    i_bt = tl.program_id(1)
-    i_d = tl.program_id(2)
-    NJ = tl.num_programs(0)
-    NBT = tl.num_programs(1)
-    D = tl.num_programs(2)
+    i_j, i_bt, i_d, NJ, NBT, D = _program()
     GH = G * H
     W_DTYPE = w_hh_ptr.dtype.element_ty
     G_DTYPE = dgx_ptr.dtype.element_ty
@@ -313,9 +317,7 @@ def _recurrence_bwd_coop_kernel(
     o_k = tl.arange(0, BLOCK_K)
     m_k = o_k < H
     b_w0, b_w1, b_w2, b_w3 = _own_columns(w_hh_ptr, i_d, o_u, m_u, o_k, m_k, H, G)
-    p_flags = flags_ptr + (i_d * NBT + i_bt) * (NJ * FLAG_STRIDE)
-    b_lo = i_bt * BT
-    b_hi = tl.minimum(B, b_lo + BT)
+    p_flags, b_lo, b_hi = _group(flags_ptr, i_bt, i_d, NJ, NBT, B, BT)
     alive = 1
 
     for k in range(k_begin, k_end + 1):

@@ -49,8 +49,9 @@ from ._jit import (LSTM, act_sigmoid, act_tanh, gru_bwd_pointwise, gru_fwd_point
                    load_gate_tiles, lstm_new_cell, positive, prev_time, save_gates, split_gates,
                    step_time, store_gates)
 from .args import acc_dtype
-from .cooperative import (FLAG_STRIDE, _await, _launch_state, _launch_options, _own_columns,
-                          _own_rows, _publish, _watch, check_errors)
+from . import cooperative
+from .cooperative import (BLOCK_N, FLAG_STRIDE, _await, _group, _launch_state, _launch_options,
+                          _own_columns, _own_rows, _program, _publish, _watch, check_errors)
 from .select import DeviceSpec, KernelConfig, Plan, Problem, fast_activations, launch_kernel
 
 EPS = tl.constexpr(1e-5)   # torch.nn.LayerNorm's default (as ops/layernorm.py)
@@ -157,12 +158,7 @@ def _ln_fwd_coop_kernel(
 ):
     """Phase u: step u // 2, phase u % 2 (module docstring); an LSTM's phase 2T forms the
     last h."""
-    i_j = tl.program_id(0)
-    i_bt = tl.program_id(1)
-    i_d = tl.program_id(2)
-    NJ = tl.num_programs(0)
-    NBT = tl.num_programs(1)
-    D = tl.num_programs(2)
+    i_j, i_bt, i_d, NJ, NBT, D = _program()
     GH = G * H
     W_DTYPE = w_hh_ptr.dtype.element_ty
     Y_DTYPE = y_ptr.dtype.element_ty
@@ -189,9 +185,7 @@ def _ln_fwd_coop_kernel(
         bc_k = tl.load(bc_ptr + i_d * H + o_k, mask=m_k, other=0.0).to(ACC)
         gc_u = tl.load(gc_ptr + i_d * H + o_u, mask=m_u, other=0.0).to(ACC)
         bc_u = tl.load(bc_ptr + i_d * H + o_u, mask=m_u, other=0.0).to(ACC)
-    p_flags = flags_ptr + (i_d * NBT + i_bt) * (NJ * FLAG_STRIDE)
-    b_lo = i_bt * BT
-    b_hi = tl.minimum(B, b_lo + BT)
+    p_flags, b_lo, b_hi = _group(flags_ptr, i_bt, i_d, NJ, NBT, B, BT)
     alive = 1
 
     for u in range(u_begin, u_end):
@@ -340,12 +334,7 @@ def _ln_bwd_coop_kernel(
 ):
     """Phase u: an LSTM's step u // 2, phase u % 2; a GRU's step u (module docstring). Step T
     (phase A only) forms dh0 and dc0."""
-    i_j = tl.program_id(0)
-    i_bt = tl.program_id(1)
-    i_d = tl.program_id(2)
-    NJ = tl.num_programs(0)
-    NBT = tl.num_programs(1)
-    D = tl.num_programs(2)
+    i_j, i_bt, i_d, NJ, NBT, D = _program()
     GH = G * H
     W_DTYPE = w_hh_ptr.dtype.element_ty
     o_u = i_j * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -364,9 +353,7 @@ def _ln_bwd_coop_kernel(
         gc = tl.load(gc_ptr + i_d * H + o_u, mask=m_u, other=0.0).to(ACC)[:, None]
         bc = tl.load(bc_ptr + i_d * H + o_u, mask=m_u, other=0.0).to(ACC)[:, None]
     p_dgc = dgc_ptr + (i_bt * D + i_d) * (2 * H) + o_u
-    p_flags = flags_ptr + (i_d * NBT + i_bt) * (NJ * FLAG_STRIDE)
-    b_lo = i_bt * BT
-    b_hi = tl.minimum(B, b_lo + BT)
+    p_flags, b_lo, b_hi = _group(flags_ptr, i_bt, i_d, NJ, NBT, B, BT)
     alive = 1
     PART = D * B * NJ * 2      # one slot of epart
 
@@ -566,7 +553,6 @@ def plan(problem: Problem, spec: DeviceSpec) -> Plan:
     """The plain cooperative kernels' slices and groups (``cooperative.plan``), for the
     LayerNorm kernels; launches: one per pass on a GPU (or under the interpreter with one
     program per group), else one per phase."""
-    from . import cooperative
     base = cooperative.plan(problem, spec)
     # Warps (compiled for sm_90, bf16 H=512; bench/kernel_resources.py --layernorm): the
     # forward spilled 536 bytes per thread with 4 and 72 with 8; the backward 472 with 4 and
@@ -609,7 +595,7 @@ def forward(a, the_plan: Plan) -> None:
     is_lstm = a.c0 is not None
     G = a.G
     qbuf = torch.empty(a.D, a.B, G * a.H, device=device, dtype=acc)
-    cbuf = a.c0.to(acc).contiguous().clone() if is_lstm else qbuf
+    cbuf = torch.empty(a.D, a.B, a.H, device=device, dtype=acc).copy_(a.c0) if is_lstm else qbuf
     obuf = torch.empty(a.D, a.B, a.H, device=device, dtype=acc) if is_lstm else qbuf
     qpart = torch.zeros(a.D, a.B, nj, 2, device=device, dtype=acc)
     cpart = torch.zeros(a.D, a.B, nj, 2, device=device, dtype=acc) if is_lstm else qpart
@@ -626,7 +612,7 @@ def forward(a, the_plan: Plan) -> None:
             u_begin=u_begin, u_end=u_end, T=a.T, B=a.B, H=a.H, BT=cfg.block_b,
             CELL=a.mode, G=G, GP=4 if G == 3 else G, NSAVE=a.NSAVE, SAVE=a.save, ACC=a.ACC,
             PRECISION=a.precision, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
-            BLOCK_N=_block_n(), BLOCK_J=_block_j(nj), SYNC=on_gpu,
+            BLOCK_N=BLOCK_N, BLOCK_J=_block_j(nj), SYNC=on_gpu,
             **_launch_options(cfg, on_gpu))
     _watch(err, "LayerNorm forward")
 
@@ -660,11 +646,6 @@ def backward(b, the_plan: Plan) -> None:
             flags_ptr=flags, err_ptr=err, wait_ns=wait,
             u_begin=u_begin, u_end=u_end, T=b.T, B=b.B, H=b.H, BT=cfg.block_b,
             CELL=b.mode, G=G, NSAVE=b.NSAVE, ACC=b.ACC, PRECISION=b.precision,
-            BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, BLOCK_N=_block_n(),
+            BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, BLOCK_N=BLOCK_N,
             BLOCK_J=_block_j(nj), SYNC=on_gpu, **_launch_options(cfg, on_gpu))
     _watch(err, "LayerNorm backward")
-
-
-def _block_n() -> int:
-    from .cooperative import BLOCK_N
-    return BLOCK_N
