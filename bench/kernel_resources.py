@@ -7,7 +7,9 @@ precision; hidden sizes 16..2048 with odd ones; batch 1..256; with and without p
 two directions), lets selection plan each, and compiles the kernels the plan launches, forward and
 backward, ahead of time for that GPU's architecture (``fastrnn.ops.resources``). Each distinct
 kernel variant is compiled once and reported with its dynamic plus static shared memory, registers
-per thread, stack bytes (spills) and tensor-core instructions, and checked against the device:
+per thread, stack bytes (spills), spill instructions inside its loops (``loop``: those run every
+step; spills outside them, the prologue that loads a resident slice, run once per launch) and
+tensor-core instructions, and checked against the device:
 shared memory per block, and registers per program against the SM's register file.
 
     python bench/kernel_resources.py [--gpu H100 ...] [--quick] [--json out.json]
@@ -114,7 +116,8 @@ def check(spec: select.DeviceSpec, quick: bool = False, cells=None, precisions=N
     echo(f"== {spec.name} (sm_{spec.arch}: {spec.sm_count} SMs, {spec.smem_per_block} bytes of "
          f"shared memory per block): strategies chosen {chosen}")
     echo(f"{'kernel':<36} {'first problem':<34} {'warps':>5} {'stg':>3} {'regs':>4} "
-         f"{'shared':>7} {'stack':>5} {'mma':>4} {'wgmma':>5} {'smem/step':>9} {'L2/step':>8} "
+         f"{'shared':>7} {'stack':>5} {'loop':>4} {'mma':>4} {'wgmma':>5} {'smem/step':>9} "
+         f"{'L2/step':>8} "
          f"{'bar':>3}  fits")
     for r in sorted(rows, key=lambda r: (r["kernel"], r["first_problem"])):
         if "error" in r:
@@ -123,13 +126,14 @@ def check(spec: select.DeviceSpec, quick: bool = False, cells=None, precisions=N
             continue
         echo(f"{r['kernel']:<36} {r['first_problem']:<34} {r['num_warps']:>5} "
              f"{r['num_stages']:>3} {r['registers']:>4} {r['shared_memory_bytes']:>7} "
-             f"{r['stack_bytes']:>5} {r['mma']:>4} {r['wgmma']:>5} "
+             f"{r['stack_bytes']:>5} {r['loop_spills']:>4} {r['mma']:>4} {r['wgmma']:>5} "
              f"{_step(r, 'smem_read_bytes'):>9} {_step(r, 'l2') :>8} {_step(r, 'barriers'):>3}  "
              f"{'NO: ' + r['misfit'] if r['misfit'] else 'yes'}")
     failed = [r for r in rows if "error" in r or r["misfit"]]
     spills = sum(1 for r in rows if r.get("stack_bytes", 0) > 0)
+    per_step = sum(1 for r in rows if r.get("loop_spills", 0) > 0)
     echo(f"{len(rows)} variants compiled for sm_{spec.arch} in {time.perf_counter() - start:.0f} s,"
-         f" {len(failed)} failed or do not fit, {spills} spill")
+         f" {len(failed)} failed or do not fit, {spills} spill, {per_step} inside their loops")
     return rows, failed
 
 

@@ -63,8 +63,8 @@ def explain_problem(problem: select.Problem, spec: select.DeviceSpec, T: int, la
             "kernel": cfg.kernel, "block_b": cfg.block_b, "block_h": cfg.block_h,
             "block_k": cfg.block_k, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
             "estimated_shared_memory_bytes": cfg.shared_bytes,
-            **{k: entry[k] for k in ("shared_memory_bytes", "registers", "stack_bytes", "mma",
-                                     "wgmma") if k in entry},
+            **{k: entry[k] for k in ("shared_memory_bytes", "registers", "stack_bytes",
+                                     "loop_spills", "mma", "wgmma") if k in entry},
             **({"error": entry["error"]} if "error" in entry else {}),
             "per_step": step[cfg.kernel]})
 
@@ -118,7 +118,8 @@ def format_explanation(rows: list[dict], header: str = "") -> str:
                 cores = ("wgmma" if k["wgmma"] else "mma.sync" if k["mma"] else
                          "none (FMA)")
                 figures = (f"{k['shared_memory_bytes']} B shared memory, {k['registers']} "
-                           f"registers/thread, {k['stack_bytes']} B stack (spills), tensor "
+                           f"registers/thread, {k['stack_bytes']} B stack (spills; "
+                           f"{k['loop_spills']} spill instructions in the time loop), tensor "
                            f"cores: {cores}")
             else:
                 figures = (f"about {k['estimated_shared_memory_bytes']} B shared memory "

@@ -43,17 +43,40 @@ def available() -> bool:
     return not interpreting() and os.path.exists(os.path.join(_tools_dir(), "cuobjdump"))
 
 
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
+
+
+def loop_spills(sass: str) -> int:
+    """Spill instructions (local loads and stores, LDL / STL) inside a loop of the machine code:
+    between a backward branch's target and the branch. Spills outside every loop (the prologue
+    that loads a resident weight slice) run once per launch; these run on every step."""
+    code = [(int(a, 16), ins.strip()) for a, ins in _SASS_LINE.findall(sass)]
+    loops = []
+    for addr, ins in code:
+        m = re.search(r"\bBRA\b[^0-9]*(0x[0-9a-f]+)", ins)
+        if m and int(m.group(1), 16) <= addr:
+            loops.append((int(m.group(1), 16), addr))
+    return sum(1 for addr, ins in code if re.match(r"(@!?U?P\w+\s+)?(LDL|STL)\b", ins)
+               and any(lo <= addr <= hi for lo, hi in loops))
+
+
+def _cuobjdump(cubin: bytes, *flags: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([os.path.join(_tools_dir(), "cuobjdump"), *flags, f.name],
+                              capture_output=True, text=True, check=True).stdout
+
+
 def figures(compiled) -> dict:
     """A compiled kernel's own resource figures."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        out = subprocess.run([os.path.join(_tools_dir(), "cuobjdump"), "--dump-resource-usage",
-                              f.name], capture_output=True, text=True, check=True).stdout
+    out = _cuobjdump(compiled.asm["cubin"], "--dump-resource-usage")
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
     regs, stack, static, local = map(int, m.groups())
     ptx = compiled.asm["ptx"]
+    loop = loop_spills(_cuobjdump(compiled.asm["cubin"], "-sass")) if stack else 0
     return {"registers": regs, "stack_bytes": stack, "local_bytes": local,
+            "loop_spills": loop,
             "shared_memory_bytes": int(compiled.metadata.shared) + static,
             "mma": len(re.findall(r"\bmma\.sync", ptx)),
             "wgmma": len(re.findall(r"\bwgmma\.mma_async", ptx)),
