@@ -168,8 +168,8 @@ MUTATIONS = (
         "the recurrent gradient passes back through the dropout mask"),
     Mutation(
         "cooperative-forward-forgets-the-recurrent-mask", "fastrnn/ops/cooperative.py",
-        "                h_all = h_all * tl.load(rm_ptr",
-        "                h_all = h_all + 0 * tl.load(rm_ptr",
+        "        h = h * tl.load(rm_ptr + rm_rows",
+        "        h = h + 0 * tl.load(rm_ptr + rm_rows",
         ("tests/test_dropout_options.py::test_cooperative_recurrent_dropout_with_many_programs"
          "[gru]",),
         "every program's product sees the masked state"),
@@ -253,6 +253,49 @@ MUTATIONS = (
         "                slot = k % 2",
         ("tests/test_layernorm.py::test_cooperative_reduces_across_programs[lstm-padded-3]",),
         "e is double-buffered: step k reads what step k-1 exchanged"),
+    Mutation(
+        "cooperative-backward-sums-one-program-too-few", "fastrnn/ops/cooperative.py",
+        "                m_p = ((j + o_js) < NJ)[:, None, None] & m_un[None, :, :]",
+        "                m_p = ((j + o_js) < NJ - 1)[:, None, None] & m_un[None, :, :]",
+        ("tests/ops/test_recurrence.py::test_cooperative_with_many_programs_per_group"
+         "[2-16-4-False-lstm]",),
+        "dh of a unit sums the partial products of every program of its group"),
+    Mutation(
+        "cooperative-backward-column-tiles-overlap", "fastrnn/ops/cooperative.py",
+        "                    tl.store(p_p + 3 * KC, _tile_partial(a3, b3,",
+        "                    tl.store(p_p + 2 * KC, _tile_partial(a3, b3,",
+        ("tests/ops/test_recurrence.py::test_cooperative_with_many_programs_per_group"
+         "[2-16-4-False-lstm]",),
+        "each column tile of the partial product lands at its own columns"),
+    Mutation(
+        "cooperative-backward-stacks-gates-out-of-order", "fastrnn/ops/_jit.py",
+        "        t = tl.join(tl.join(q0, q2), tl.join(q1, q3))",
+        "        t = tl.join(tl.join(q0, q1), tl.join(q2, q3))",
+        ("tests/ops/test_recurrence.py::test_cooperative_with_many_programs_per_group"
+         "[1-16-1-True-lstm]",),
+        "the stacked gate gradients' rows line up with the slice's stacked weight rows"),
+    Mutation(
+        "cooperative-backward-partials-in-fp8", "fastrnn/ops/cooperative.py",
+        "                tl.store(p_p, _tile_partial(a0, b0, dga, dgb, GP, PRECISION).to(P_DTYPE),",
+        "                tl.store(p_p, _tile_partial(a0, b0, dga, dgb, GP, PRECISION)"
+        ".to(tl.float8e5).to(P_DTYPE),",
+        ("tests/ops/test_recurrence.py::test_cooperative_half_precision_partials_cost_no_accuracy"
+         "[LSTM]",),
+        "the partial products are exchanged at the layer's precision, no narrower"),
+    Mutation(
+        "cooperative-unpadded-gru-loses-the-n-rows", "fastrnn/ops/cooperative.py",
+        "                q2 = acc_b.to(ACC)\n",
+        "                q2 = q0\n",
+        ("tests/ops/test_recurrence.py::test_cooperative_with_many_programs_per_group"
+         "[2-16-4-False-gru]",),
+        "GRU's unpadded slice: the n gate's rows are a product of their own"),
+    Mutation(
+        "cooperative-forward-reads-a-column-tile-twice", "fastrnn/ops/cooperative.py",
+        "                h = _state_tile(hbuf_ptr, rows, rm_ptr, rm_rows, o_c + 3 * KC, m_n, H,",
+        "                h = _state_tile(hbuf_ptr, rows, rm_ptr, rm_rows, o_c + 2 * KC, m_n, H,",
+        ("tests/ops/test_recurrence.py::test_cooperative_with_many_programs_per_group"
+         "[2-16-4-False-lstm]",),
+        "the forward's product takes each column tile of the state once"),
 )
 
 BY_NAME = {m.name: m for m in MUTATIONS}

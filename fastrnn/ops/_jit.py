@@ -281,7 +281,11 @@ def recurrent_products(b_h, w0, w1, w2, w3, G: tl.constexpr, ACC: tl.constexpr,
 def split_gates(acc, GP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
     """The gates of a stacked product: ``acc`` is [GP * BLOCK_H, BLOCK_N], row r gate
     r // BLOCK_H; returns GP tiles [BLOCK_H, BLOCK_N] (unused ones alias the first)."""
-    if GP == 4:
+    if GP == 2:
+        q0, q1 = tl.split(tl.permute(tl.reshape(acc, (2, BLOCK_H, BLOCK_N)), (1, 2, 0)))
+        q2 = q0
+        q3 = q0
+    elif GP == 4:
         # [a, b, unit, n] with gate 2a + b, to [unit, n, a, b]; each split halves the last dim.
         t = tl.permute(tl.reshape(acc, (2, 2, BLOCK_H, BLOCK_N)), (2, 3, 0, 1))
         even, odd = tl.split(t)
@@ -293,6 +297,20 @@ def split_gates(acc, GP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.conste
         q2 = acc
         q3 = acc
     return q0, q1, q2, q3
+
+
+@triton.jit
+def stack_gates(q0, q1, q2, q3, GP: tl.constexpr, BLOCK_H: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """The inverse of ``split_gates``: GP tiles [BLOCK_H, BLOCK_N] stacked into one
+    [GP * BLOCK_H, BLOCK_N], row r gate r // BLOCK_H (GP 1, 2 or 4)."""
+    if GP == 2:
+        return tl.reshape(tl.permute(tl.join(q0, q1), (2, 0, 1)), (GP * BLOCK_H, BLOCK_N))
+    elif GP == 4:
+        t = tl.join(tl.join(q0, q2), tl.join(q1, q3))   # [unit, n, a, b], gate 2a + b
+        return tl.reshape(tl.permute(t, (2, 3, 0, 1)), (GP * BLOCK_H, BLOCK_N))
+    else:
+        return q0
 
 
 @triton.jit

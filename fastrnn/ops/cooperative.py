@@ -2,25 +2,33 @@
 
 One launch per layer for the forward and one for the backward, both directions in the same launch
 (separate program groups). A group (one direction, one tile of the batch) has NJ programs, at most
-one per SM across the grid; program j owns ``BLOCK_H`` hidden units:
+one per SM across the grid; program j owns ``BLOCK_H`` hidden units and keeps their rows of W_hh
+(every gate) resident in shared memory for the whole sequence, in both passes (loaded once; the
+compiler hoists them out of the time loop):
 
-* forward: it keeps those units' rows of W_hh, every gate stacked into one [GP*BLOCK_H, H] tile,
-  resident in shared memory for the whole sequence (loaded once; the compiler hoists it out of
-  the time loop), and per step computes ``W_j @ h_{t-1}^T``: the weights are the dot's M
-  dimension and the batch its N dimension, walked in chunks of BLOCK_N rows. GRU's three gates
-  are padded to four (GP) so the tile's rows are a power of two.
-* backward: it keeps those units' columns of W_hh, one [BLOCK_H, H] tile per gate, and per step
-  forms its units' ``dh_{t-1} = sum_k dG_k W_k[:, units]`` from every program's gate gradients.
+* the slice: the gates stacked into one [GP*BLOCK_H, H] tile (GRU's three padded to four, GP,
+  so the rows are a power of two: one 64-row product, wgmma on sm_90), or for a GRU whose padded
+  slice does not fit (fp16/bf16 beyond H = 1024) its r and z rows [2*BLOCK_H, H] and its n rows
+  [BLOCK_H, H]; held in NKC column tiles where the whole does not fit with a state chunk (the
+  forward then reads the state a tile at a time) or where the backward's product would be large.
+* forward: per step ``W_j @ h_{t-1}^T``: the weights are the dot's M dimension and the batch its
+  N dimension, walked in chunks of BLOCK_N rows.
+* backward: per step, its units' gate gradients dG_j and its partial product for every unit,
+  ``P_j = W_j^T dG_j`` [H, N] (the hidden size is the dot's M dimension: wgmma on sm_90, the
+  slice read from shared memory); after the barrier each program sums the NJ partial products
+  of its own units, ``dh_{t-1}[own] = sum_j P_j[own]`` (a reduce-scatter through L2). The gate
+  gradients never leave their program.
 
-Each step the programs exchange the new state (forward: h; backward: the gate gradients) through
-double-buffered global buffers (L2), then meet at a grid barrier made of one flag per program:
-a program publishes its step with a release store to its own flag and waits until every flag of
-its group shows the step (acquire), so no address is contended. The next step's input projections
-(of the first batch chunk) are loaded between publishing and waiting; the cell state and the carried gradients of a program's own units live
-in small global buffers that only that program touches. A wait is bounded: past the bound the
-program stops waiting, flags the error, and fastrnn raises at its next cooperative call (the grid
-must be co-resident, which the cooperative launch guarantees where Triton supports it; other work
-holding SMs could otherwise break it).
+Each step the programs exchange the new state (forward: h; backward: the partial products)
+through double-buffered global buffers (L2), then meet at a grid barrier made of one flag per
+program: a program publishes its step with a release store to its own flag and waits until every
+flag of its group shows the step (acquire), so no address is contended. The next step's input
+projections (of the first batch chunk) are loaded between publishing and waiting; the cell state
+and the carried gradients of a program's own units live in small global buffers that only that
+program touches. A wait is bounded: past the bound the program stops waiting, flags the error,
+and fastrnn raises at its next cooperative call (the grid must be co-resident, which the
+cooperative launch guarantees where Triton supports it; other work holding SMs could otherwise
+break it).
 
 The Triton interpreter runs programs one after another, so a grid barrier cannot be passed there;
 the kernels take a range of steps, and under the interpreter the launcher runs them one step per
@@ -38,8 +46,9 @@ import triton
 import triton.language as tl
 
 from ._jit import (LSTM, GRU, cell_backward, cell_forward, clamp_grad, entering_reset,
-                   load_gate_tiles, load_gates, next_time, positive, prev_time, save_gates,
-                   split_gates, step_time, store_gates, lstm_new_cell, zone_mix, zone_split)
+                   load_gate_tiles, load_gates, lstm_new_cell, next_time, positive,
+                   prev_time, save_gates, split_gates, stack_gates, step_time, store_gates,
+                   zone_mix, zone_split)
 from .args import BackwardArgs, ForwardArgs, acc_dtype
 from .select import (DeviceSpec, DoesNotFit, KernelConfig, Plan, Problem, block, describe,
                      fast_activations, launch_kernel, operand_copies)
@@ -83,17 +92,92 @@ def _group(flags_ptr, i_bt, i_d, NJ, NBT, B, BT):
 
 
 @triton.jit
-def _own_rows(w_hh_ptr, i_d, i_j, o_k, m_k, H, G: tl.constexpr, GP: tl.constexpr,
-              BLOCK_H: tl.constexpr):
-    """The forward's slice: program i_j's rows of W_hh[d], all gates stacked, [GP*BLOCK_H, K]:
-    row r is gate r // BLOCK_H of unit i_j * BLOCK_H + r % BLOCK_H (rows of the padding gate
-    and of units past H are zero)."""
-    o_m = tl.arange(0, GP * BLOCK_H)
-    r_gate = o_m // BLOCK_H
+def _gate_rows(w_hh_ptr, i_d, i_j, o_k, m_k, H, G: tl.constexpr, FIRST: tl.constexpr,
+               NG: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Program i_j's rows of gates FIRST .. FIRST+NG-1 of W_hh[d], stacked, [NG*BLOCK_H, K]:
+    row r is gate FIRST + r // BLOCK_H of unit i_j * BLOCK_H + r % BLOCK_H (rows of a padding
+    gate, G and up, and of units past H are zero)."""
+    o_m = tl.arange(0, NG * BLOCK_H)
+    r_gate = FIRST + o_m // BLOCK_H
     r_unit = i_j * BLOCK_H + o_m % BLOCK_H
     m_r = (r_gate < G) & (r_unit < H)
     return tl.load(w_hh_ptr + i_d * (G * H * H) + (r_gate * H + r_unit)[:, None] * H
                    + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
+
+
+@triton.jit
+def _own_rows(w_hh_ptr, i_d, i_j, o_k, m_k, H, G: tl.constexpr, GP: tl.constexpr,
+              BLOCK_H: tl.constexpr):
+    """The forward's slice: program i_j's rows of W_hh[d], all gates stacked, [GP*BLOCK_H, K]."""
+    return _gate_rows(w_hh_ptr, i_d, i_j, o_k, m_k, H, G, 0, GP, BLOCK_H)
+
+
+@triton.jit
+def _slice_tile(w_hh_ptr, i_d, i_j, o_c, H, G: tl.constexpr, GP: tl.constexpr,
+                BLOCK_H: tl.constexpr):
+    """Columns o_c of program i_j's row slice, as (a, b): GP gates stacked in ``a`` (``b``
+    aliases it), or for GP == 3 (a GRU without the padding gate: 3 x 16 rows are no power of
+    two) the r and z rows in ``a`` [2*BLOCK_H, KC] and the n rows in ``b`` [BLOCK_H, KC]."""
+    m_c = o_c < H
+    if GP == 3:
+        a = _gate_rows(w_hh_ptr, i_d, i_j, o_c, m_c, H, G, 0, 2, BLOCK_H)
+        b = _gate_rows(w_hh_ptr, i_d, i_j, o_c, m_c, H, G, 2, 1, BLOCK_H)
+    else:
+        a = _gate_rows(w_hh_ptr, i_d, i_j, o_c, m_c, H, G, 0, GP, BLOCK_H)
+        b = a
+    return a, b
+
+
+@triton.jit
+def _slice_tiles(w_hh_ptr, i_d, i_j, H, G: tl.constexpr, GP: tl.constexpr,
+                 BLOCK_H: tl.constexpr, KC: tl.constexpr, NKC: tl.constexpr):
+    """The row slice in NKC (1, 2 or 4) column tiles of KC columns each, resident for the whole
+    sequence: (a0, b0, a1, b1, a2, b2, a3, b3) as ``_slice_tile`` (unused tiles alias the
+    first)."""
+    o_c = tl.arange(0, KC)
+    a0, b0 = _slice_tile(w_hh_ptr, i_d, i_j, o_c, H, G, GP, BLOCK_H)
+    a1 = a0
+    b1 = b0
+    a2 = a0
+    b2 = b0
+    a3 = a0
+    b3 = b0
+    if NKC >= 2:
+        a1, b1 = _slice_tile(w_hh_ptr, i_d, i_j, o_c + KC, H, G, GP, BLOCK_H)
+    if NKC == 4:
+        a2, b2 = _slice_tile(w_hh_ptr, i_d, i_j, o_c + 2 * KC, H, G, GP, BLOCK_H)
+        a3, b3 = _slice_tile(w_hh_ptr, i_d, i_j, o_c + 3 * KC, H, G, GP, BLOCK_H)
+    return a0, b0, a1, b1, a2, b2, a3, b3
+
+
+@triton.jit
+def _state_tile(hbuf_ptr, rows, rm_ptr, rm_rows, o_c, m_n, H, HAS_RMASK: tl.constexpr,
+                W_DTYPE: tl.constexpr):
+    """Columns o_c of the previous state of a batch chunk, [KC, N] (the dot's K by its N),
+    read from L2 (every program's h), masked by the recurrent dropout mask."""
+    m = (o_c < H)[:, None] & m_n[None, :]
+    h = tl.load(hbuf_ptr + rows + o_c[:, None], mask=m, other=0.0, cache_modifier=".cg")
+    if HAS_RMASK:  # recurrent dropout: the product sees mask * h
+        h = h * tl.load(rm_ptr + rm_rows + o_c[:, None], mask=m, other=0.0)
+    return h.to(W_DTYPE)
+
+
+@triton.jit
+def _tile_product(a, b, h, acc_a, acc_b, GP: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate one column tile's share of the slice's product W_j h (acc None: the first)."""
+    acc_a = tl.dot(a, h, acc_a, input_precision=PRECISION)
+    if GP == 3:
+        acc_b = tl.dot(b, h, acc_b, input_precision=PRECISION)
+    return acc_a, acc_b
+
+
+@triton.jit
+def _tile_partial(a, b, dga, dgb, GP: tl.constexpr, PRECISION: tl.constexpr):
+    """One column tile of the program's partial product W_j^T dG_j, [KC, N]."""
+    p = tl.dot(tl.trans(a), dga, input_precision=PRECISION)
+    if GP == 3:
+        p = tl.dot(tl.trans(b), dgb, p, input_precision=PRECISION)
+    return p
 
 
 @triton.jit
@@ -169,7 +253,7 @@ def _recurrence_fwd_coop_kernel(
     CELL: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, NSAVE: tl.constexpr,
     SAVE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
-    SYNC: tl.constexpr,
+    NKC: tl.constexpr, SYNC: tl.constexpr,
     HAS_BHN: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr,
     HAS_RMASK: tl.constexpr, ZH: tl.constexpr, ZC: tl.constexpr, FAST: tl.constexpr,
 ):
@@ -179,9 +263,12 @@ def _recurrence_fwd_coop_kernel(
     H_DTYPE = hbuf_ptr.dtype.element_ty
     o_u = i_j * BLOCK_H + tl.arange(0, BLOCK_H)   # own units
     m_u = o_u < H
-    o_k = tl.arange(0, BLOCK_K)                   # every unit: the product's inner dimension
-    m_k = o_k < H
-    w = _own_rows(w_hh_ptr, i_d, i_j, o_k, m_k, H, G, GP, BLOCK_H)
+    # The slice, resident: NKC column tiles of KC units each (the product's inner dimension).
+    KC: tl.constexpr = BLOCK_K // NKC
+    o_c = tl.arange(0, KC)
+    a0, b0, a1, b1, a2, b2, a3, b3 = _slice_tiles(w_hh_ptr, i_d, i_j, H, G, GP, BLOCK_H, KC,
+                                                  NKC)
+    GA: tl.constexpr = 2 if GP == 3 else GP       # gates stacked in the a tiles
     b_bhn = 0.0
     if HAS_BHN:
         b_bhn = tl.load(b_hn_ptr + i_d * H + o_u, mask=m_u, other=0.0).to(ACC)[:, None]
@@ -204,15 +291,25 @@ def _recurrence_fwd_coop_kernel(
             on64 = o_n.to(tl.int64)
             m_un = m_u[:, None] & m_n[None, :]
             rows = ((slot * D + i_d) * B + on64)[None, :] * H        # this chunk's state rows
-            # Every unit's previous state for the chunk, [K, N]: the dot's N is the batch.
-            h_all = tl.load(hbuf_ptr + rows + o_k[:, None], mask=m_k[:, None] & m_n[None, :],
-                            other=0.0, cache_modifier=".cg")
-            if HAS_RMASK:  # recurrent dropout: the product sees mask * h
-                h_all = h_all * tl.load(rm_ptr + (i_d * B + on64)[None, :] * H + o_k[:, None],
-                                        mask=m_k[:, None] & m_n[None, :], other=0.0)
-            h_all = h_all.to(W_DTYPE)
-            acc = tl.dot(w, h_all, input_precision=PRECISION).to(ACC)
-            q0, q1, q2, q3 = split_gates(acc, GP, BLOCK_H, BLOCK_N)
+            rm_rows = (i_d * B + on64)[None, :] * H
+            # W_j h for the chunk, a column tile at a time: every unit's previous state, [KC, N]
+            # per tile (the dot's N is the batch).
+            h = _state_tile(hbuf_ptr, rows, rm_ptr, rm_rows, o_c, m_n, H, HAS_RMASK, W_DTYPE)
+            acc_a, acc_b = _tile_product(a0, b0, h, None, None, GP, PRECISION)
+            if NKC >= 2:
+                h = _state_tile(hbuf_ptr, rows, rm_ptr, rm_rows, o_c + KC, m_n, H, HAS_RMASK,
+                                W_DTYPE)
+                acc_a, acc_b = _tile_product(a1, b1, h, acc_a, acc_b, GP, PRECISION)
+            if NKC == 4:
+                h = _state_tile(hbuf_ptr, rows, rm_ptr, rm_rows, o_c + 2 * KC, m_n, H,
+                                HAS_RMASK, W_DTYPE)
+                acc_a, acc_b = _tile_product(a2, b2, h, acc_a, acc_b, GP, PRECISION)
+                h = _state_tile(hbuf_ptr, rows, rm_ptr, rm_rows, o_c + 3 * KC, m_n, H,
+                                HAS_RMASK, W_DTYPE)
+                acc_a, acc_b = _tile_product(a3, b3, h, acc_a, acc_b, GP, PRECISION)
+            q0, q1, q2, q3 = split_gates(acc_a.to(ACC), GA, BLOCK_H, BLOCK_N)
+            if GP == 3:  # the n gate's rows, a product of their own
+                q2 = acc_b.to(ACC)
             h_prev = tl.load(hbuf_ptr + rows + o_u[:, None], mask=m_un, other=0.0,
                              cache_modifier=".cg").to(ACC)
             state = (i_d * B + on64)[None, :] * H + o_u[:, None]   # own units' rows
@@ -291,33 +388,38 @@ def _recurrence_bwd_coop_kernel(
     dcell_ptr,                         # [T, B, D, H] gradient of every step's cell state
     dgx_ptr, dgh_ptr,                  # [T, B, D, G*H]
     dh0_ptr, dc0_ptr,                  # [D, B, H]
-    gbuf_ptr,                          # [2, D, B, G*H] the gate gradients W_hh multiplies
+    pbuf_ptr,                          # [2, D, NJ, B, H] each program's partial products
     dhbuf_ptr, dcbuf_ptr,              # [D, B, H] carried dh (what bypasses W_hh), dc: ACC
     d0buf_ptr,                         # [2, D, B, H] ACC: dh0, dc0 collected at resets
     flags_ptr, err_ptr, wait_ns, clip,
     k_begin, k_end, T, B, H, BT,
-    CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr,
+    CELL: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, NSAVE: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
-    SYNC: tl.constexpr,
+    NKC: tl.constexpr, JSUM: tl.constexpr, SYNC: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, HAS_RMASK: tl.constexpr,
     HAS_DCELL: tl.constexpr, CLIP: tl.constexpr, ZH: tl.constexpr, ZC: tl.constexpr,
     FAST: tl.constexpr,
 ):
     """Backward step k undoes forward step s = T-1-k. Each step first completes dh of the state
-    it produced, ``dh_t = dy_t + keep_t + sum_g dG_{t+1,g} W_g[:, own]`` (the previous step's gate
-    gradients of every program, read after the barrier), then its own units' gate gradients.
-    k_end == T finishes with dh0 (and dc0)."""
+    it produced, ``dh_t = dy_t + keep_t + sum_j P_j[own]`` (every program's partial product of
+    the previous step, read after the barrier), then its own units' gate gradients dG_j and its
+    partial product ``P_j = W_j^T dG_j`` for every unit (a reduce-scatter of dG W_hh: the
+    program's rows of W_hh are the forward's resident slice, the product's M dimension is the
+    hidden size, walked in NKC column tiles). k_end == T finishes with dh0 (and dc0)."""
     i_j, i_bt, i_d, NJ, NBT, D = _program()
     GH = G * H
     W_DTYPE = w_hh_ptr.dtype.element_ty
     G_DTYPE = dgx_ptr.dtype.element_ty
+    P_DTYPE = pbuf_ptr.dtype.element_ty
     o_u = i_j * BLOCK_H + tl.arange(0, BLOCK_H)
     m_u = o_u < H
-    o_k = tl.arange(0, BLOCK_K)
-    m_k = o_k < H
-    b_w0, b_w1, b_w2, b_w3 = _own_columns(w_hh_ptr, i_d, o_u, m_u, o_k, m_k, H, G)
+    KC: tl.constexpr = BLOCK_K // NKC
+    o_c = tl.arange(0, KC)
+    a0, b0, a1, b1, a2, b2, a3, b3 = _slice_tiles(w_hh_ptr, i_d, i_j, H, G, GP, BLOCK_H, KC,
+                                                  NKC)
     p_flags, b_lo, b_hi = _group(flags_ptr, i_bt, i_d, NJ, NBT, B, BT)
+    o_js = tl.arange(0, JSUM)
     alive = 1
 
     for k in range(k_begin, k_end + 1):
@@ -334,22 +436,16 @@ def _recurrence_bwd_coop_kernel(
             m_un = m_u[:, None] & m_n[None, :]
             p_dh = dhbuf_ptr + (i_d * B + on64)[None, :] * H + o_u[:, None]
             dh = tl.load(p_dh, mask=m_un, other=0.0)
-            # The recurrent part: the previous backward step's gate gradients (none at k = 0).
+            # The recurrent part: every program's partial product of the previous backward step
+            # (none at k = 0), summed over the programs in a fixed order, JSUM at a time.
             has_q = positive(k, o_n)[None, :] & m_n[None, :]
-            p_g = gbuf_ptr + (((1 - slot) * D + i_d) * B + on64)[None, :] * GH + o_k[:, None]
-            m_g = m_k[:, None] & has_q
-            rec = tl.dot(b_w0, tl.load(p_g, mask=m_g, other=0.0, cache_modifier=".cg")
-                         .to(W_DTYPE), input_precision=PRECISION).to(ACC)
-            if G >= 3:
-                rec += tl.dot(b_w1, tl.load(p_g + H, mask=m_g, other=0.0, cache_modifier=".cg")
-                              .to(W_DTYPE), input_precision=PRECISION).to(ACC)
-                rec += tl.dot(b_w2, tl.load(p_g + 2 * H, mask=m_g, other=0.0,
-                                            cache_modifier=".cg").to(W_DTYPE),
-                              input_precision=PRECISION).to(ACC)
-            if G == 4:
-                rec += tl.dot(b_w3, tl.load(p_g + 3 * H, mask=m_g, other=0.0,
-                                            cache_modifier=".cg").to(W_DTYPE),
-                              input_precision=PRECISION).to(ACC)
+            rec = tl.zeros([BLOCK_H, BLOCK_N], dtype=ACC)
+            p_in = pbuf_ptr + ((((1 - slot) * D + i_d) * NJ).to(tl.int64) * B
+                               + on64[None, None, :]) * H + o_u[None, :, None]
+            for j in range(0, NJ, JSUM):
+                m_p = ((j + o_js) < NJ)[:, None, None] & m_un[None, :, :] & has_q[None, :, :]
+                rec += tl.sum(tl.load(p_in + ((j + o_js) * B * H).to(tl.int64)[:, None, None],
+                                      mask=m_p, other=0.0, cache_modifier=".cg").to(ACC), axis=0)
             state = (i_d * B + on64)[None, :] * H + o_u[:, None]
             if HAS_RMASK:  # the product saw mask * h
                 rec = rec * tl.load(rm_ptr + state, mask=m_un, other=0.0).to(ACC)
@@ -440,16 +536,35 @@ def _recurrence_bwd_coop_kernel(
                 if CELL == LSTM and ZC != 0:
                     dc_prev += dc_zone
                 p_dg = dgx_ptr + p_row * GH + o_u[:, None]
-                p_buf = gbuf_ptr + ((slot * D + i_d) * B + on64)[None, :] * GH + o_u[:, None]
                 if G == 1:
                     tl.store(p_dg, g0.to(G_DTYPE), mask=m_un)
-                    tl.store(p_buf, g0.to(gbuf_ptr.dtype.element_ty), mask=m_un)
                 else:
                     store_gates(p_dg, g0, g1, g2, g3, m_un, H, G)
-                    # What W_hh multiplies: for GRU the n gate's hidden part (r * dn).
-                    store_gates(p_buf, g0, g1, gh2, g3, m_un, H, G)
                 if CELL == GRU:
                     store_gates(dgh_ptr + p_row * GH + o_u[:, None], g0, g1, gh2, gh2, m_un, H, 3)
+                    # What W_hh multiplies: the n gate's hidden part (r * dn); no padding gate.
+                    g2 = gh2
+                    g3 = tl.zeros_like(g0)
+                # This program's partial product for every unit, P_j = W_j^T dG_j, column tile
+                # by column tile: the other programs sum it after the barrier.
+                if GP == 3:
+                    dga = stack_gates(g0, g1, g2, g3, 2, BLOCK_H, BLOCK_N).to(W_DTYPE)
+                else:
+                    dga = stack_gates(g0, g1, g2, g3, GP, BLOCK_H, BLOCK_N).to(W_DTYPE)
+                dgb = g2.to(W_DTYPE)
+                p_p = pbuf_ptr + ((((slot * D + i_d) * NJ + i_j).to(tl.int64) * B
+                                   + on64[None, :]) * H + o_c[:, None])
+                tl.store(p_p, _tile_partial(a0, b0, dga, dgb, GP, PRECISION).to(P_DTYPE),
+                         mask=m_n[None, :] & (o_c < H)[:, None])
+                if NKC >= 2:
+                    tl.store(p_p + KC, _tile_partial(a1, b1, dga, dgb, GP, PRECISION)
+                             .to(P_DTYPE),
+                             mask=m_n[None, :] & (o_c + KC < H)[:, None])
+                if NKC == 4:
+                    tl.store(p_p + 2 * KC, _tile_partial(a2, b2, dga, dgb, GP, PRECISION)
+                             .to(P_DTYPE), mask=m_n[None, :] & (o_c + 2 * KC < H)[:, None])
+                    tl.store(p_p + 3 * KC, _tile_partial(a3, b3, dga, dgb, GP, PRECISION)
+                             .to(P_DTYPE), mask=m_n[None, :] & (o_c + 3 * KC < H)[:, None])
                 if CELL == LSTM:
                     tl.store(dcbuf_ptr + state, dc_prev, mask=m_un)
                 tl.store(p_dh, dh_keep, mask=m_un)
@@ -469,41 +584,78 @@ BLOCK_N = 16             # batch rows per chunk: the dots' N dimension
 # H = 1024 (a 16-unit slice of the stacked gates is 256 KiB there).
 _SLICES = (16, 32, 8)
 INTERPRETER_SLICE = 16   # units per program under the interpreter (tests vary it)
+COLUMN_TILE = 256        # columns of W_hh's slice per column tile, where the slice is tiled
+INTERPRETER_COLUMN_TILES = 1  # column tiles under the interpreter (tests vary it: 1, 2 or 4)
+INTERPRETER_PADS_GRU = True   # under the interpreter, GRU's slice padded to 4 gates (tests vary)
+JSUM = 8                 # programs' partial products the backward sums at once
 STAGE_REGS = 64          # registers per thread a chunk of the state may take on its way in
                          # (with 8 warps; half that with 4)
+
+
+def column_tiles(block_k: int) -> int:
+    """Column tiles (1, 2 or 4) of W_hh's row slice: the backward forms its partial product
+    [block_k, BLOCK_N] a tile at a time (the accumulator stays small), and a forward whose state
+    chunk does not fit beside the slice reads the state a tile at a time."""
+    return min(4, max(1, block_k // COLUMN_TILE))
 
 
 def _gates_padded(G: int) -> int:
     return 4 if G == 3 else G
 
 
+def _configs(gp: int, nkc_f: int, nkc_b: int, bwd: dict | None = None, **cfg) -> tuple:
+    """The two kernels' configurations (``bwd``: the backward's own warps and register bound)."""
+    return (KernelConfig("_recurrence_fwd_coop_kernel", gates=gp, column_tiles=nkc_f, **cfg),
+            KernelConfig("_recurrence_bwd_coop_kernel", gates=gp, column_tiles=nkc_b,
+                         **{**cfg, **(bwd or {})}))
+
+
 def plan(problem: Problem, spec: DeviceSpec) -> Plan:
     """Slices of BLOCK_H units, one program each, every direction and batch tile its own group;
-    W_hh's slice resident in shared memory in both passes."""
+    W_hh's slice resident in shared memory in both passes. GRU's slice is padded to four gates
+    (one 64-row product: wgmma on sm_90) where that fits, else holds its three gates (two
+    products of 32 and 16 rows: mma.sync), so GRU runs here wherever its real weights fit."""
     if problem.has_proj:
         raise DoesNotFit("no proj_size (h and the cell state would need two barriers per step)")
-    G, GP, H, D, B = problem.G, _gates_padded(problem.G), problem.H, problem.D, problem.B
+    G, H, D, B = problem.G, problem.H, problem.D, problem.B
     K = block(H)
     isz = problem.itemsize * operand_copies(problem)
     if spec.interpreter:
         # Stepped (one launch per step): several programs per group, as on a GPU.
         # A group of one program needs no barrier: one launch, as on a GPU.
         bh = INTERPRETER_SLICE
+        gp = _gates_padded(G) if INTERPRETER_PADS_GRU else G
+        nkc = min(INTERPRETER_COLUMN_TILES, max(1, K // 16))
         nj = triton.cdiv(H, bh)
         cfg = dict(block_b=triton.cdiv(B, BLOCK_N) * BLOCK_N, block_h=bh, block_k=K,
-                   num_warps=4, shared_bytes=(GP * bh * K + K * BLOCK_N) * isz)
+                   num_warps=4, shared_bytes=(gp * bh * K + K * BLOCK_N) * isz)
         per_step, fixed = ((1, 1), (0, 1)) if nj > 1 else ((0, 0), (1, 1))
-        return Plan("cooperative", (KernelConfig("_recurrence_fwd_coop_kernel", **cfg),
-                                    KernelConfig("_recurrence_bwd_coop_kernel", **cfg)),
-                    grid=(nj, 1, D), launches_per_step=per_step, launches_fixed=fixed)
+        return Plan("cooperative", _configs(gp, nkc, nkc, **cfg), grid=(nj, 1, D),
+                    launches_per_step=per_step, launches_fixed=fixed)
     reasons = {}
-    for bh in _SLICES:
+    # GRU padded (wgmma on sm_90) at any slice width first; its three gates only where no padded
+    # slice fits (H = 2048 in fp16/bf16 on an H100).
+    # Unpadded: fp16/bf16 only (in fp32 its mma.sync forward spills inside the time loop: 85
+    # spill instructions for GRU TF32 H=1000 on sm_90; the padded 8-unit slice does not), and
+    # the n gate's own product has bh rows: at least 16 for a tensor-core dot.
+    unpadded = problem.itemsize == 2
+    for gp, bh in [(gp, bh) for gp in dict.fromkeys((_gates_padded(G), G)) for bh in _SLICES
+                   if gp != 3 or (unpadded and bh >= 16)]:
         nj = triton.cdiv(H, bh)
         if nj * D > spec.sm_count:
             reasons.setdefault("sms", f"{nj * D} programs of {bh} units > {spec.sm_count} SMs")
             continue
-        # The weight slice and a chunk of the state (dot operands, in shared memory).
-        shared = max(GP, G) * bh * K * isz + K * BLOCK_N * isz
+        # The weight slice and a chunk of the state (dot operands, in shared memory); where the
+        # chunk does not fit beside the slice, the forward reads it a column tile at a time.
+        # The backward's operands: the slice and its own gate gradients.
+        weights = gp * bh * K * isz
+        nkc_b = column_tiles(K)
+        # Column tiles in the forward only for GRU's three gates: its products of 32 and 16 rows
+        # are mma.sync, whose operands Triton holds in registers, spilling either way (a padded
+        # slice, or a state chunk that fits whole, keeps the 64-row product and wgmma).
+        tiled = gp == 3 and weights + K * BLOCK_N * isz > spec.smem_per_block
+        nkc_f = nkc_b if tiled else 1
+        shared = max(weights + K // nkc_f * BLOCK_N * isz, weights + gp * bh * BLOCK_N * isz)
         if shared > spec.smem_per_block:
             reasons.setdefault("smem", f"{bh}-unit slices need {shared} B of shared memory > "
                                        f"{spec.smem_per_block}")
@@ -511,7 +663,7 @@ def plan(problem: Problem, spec: DeviceSpec) -> Plan:
         # A chunk of the state passes through registers on its way to shared memory: 4 warps
         # while it takes at most 32 registers a thread, else 8 warps and at most 64 (the forward
         # spilled at sm_90 with 4 warps and 64: LSTM H=1000 bf16).
-        stage = K * BLOCK_N * isz
+        stage = K // nkc_f * BLOCK_N * isz
         warps = 4 if stage <= STAGE_REGS // 2 * 4 * 32 * 4 else 8
         if stage > STAGE_REGS * 4 * 32 * warps:
             reasons.setdefault("regs", f"a [{K}, {BLOCK_N}] state chunk needs more registers "
@@ -527,9 +679,16 @@ def plan(problem: Problem, spec: DeviceSpec) -> Plan:
         maxnreg = min(255, spec.regs_per_sm // (32 * warps))
         cfg = dict(block_b=bt, block_h=bh, block_k=K, num_warps=warps, shared_bytes=shared,
                    maxnreg=maxnreg)
-        return Plan("cooperative", (KernelConfig("_recurrence_fwd_coop_kernel", **cfg),
-                                    KernelConfig("_recurrence_bwd_coop_kernel", **cfg)),
-                    grid=(nj, nbt, D))
+        # The backward stages no state chunk; its warps: on sm_90 8 from K = 1024 (GRU H=2048
+        # bf16, whose forward takes 4: 2 spill instructions outside the time loop against 58 in
+        # it); before sm_90, where mma.sync holds the slice as register operands (Triton hoists
+        # their load out of the loop), 8 once they pass 64 registers a thread with 4 warps (LSTM
+        # bf16 H=511 and fp32 H=255 on sm_89 spilled 7 and 1 instructions in the loop with 4,
+        # none with 8).
+        slice_regs = gp * bh * K * isz // 4 // 128
+        wide = K >= 1024 if spec.arch >= 90 else slice_regs > 64
+        bwd = dict(num_warps=8, maxnreg=min(255, spec.regs_per_sm // 256)) if wide else {}
+        return Plan("cooperative", _configs(gp, nkc_f, nkc_b, bwd, **cfg), grid=(nj, nbt, D))
     raise DoesNotFit(", or ".join(reasons.values()) or "no slice fits")
 
 
@@ -637,10 +796,10 @@ def forward(a: ForwardArgs, the_plan: Plan) -> None:
             gates_ptr=a.gates, cell_ptr=a.cell, hbuf_ptr=hbuf, cbuf_ptr=cbuf,
             flags_ptr=flags, err_ptr=err, wait_ns=wait, s_begin=first, s_end=last + 1, T=a.T,
             B=a.B, H=a.H,
-            BT=cfg.block_b, CELL=a.mode, G=a.G, GP=_gates_padded(a.G), NSAVE=a.NSAVE,
+            BT=cfg.block_b, CELL=a.mode, G=a.G, GP=cfg.gates, NSAVE=a.NSAVE,
             SAVE=a.save, ACC=a.ACC, PRECISION=a.precision,
             BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, BLOCK_N=BLOCK_N,
-            BLOCK_J=max(2, triton.next_power_of_2(nj)), SYNC=on_gpu,
+            BLOCK_J=max(2, triton.next_power_of_2(nj)), NKC=cfg.column_tiles, SYNC=on_gpu,
             **_launch_options(cfg, on_gpu))
     # The final states: the last slot written (rows past their length carried theirs).
     a.hn.copy_(hbuf[a.T % 2])
@@ -655,11 +814,16 @@ def backward(b: BackwardArgs, the_plan: Plan) -> None:
     device = b.dy.device
     nj, nbt, on_gpu, stepped, flags, err, wait = _launch_state(the_plan, b.D, device)
     acc = acc_dtype(b.dy.dtype)
-    gbuf = torch.zeros(2, b.D, b.B, b.G * b.H, device=device, dtype=b.dgx.dtype)
+    # Each program's partial products for every unit, double-buffered: [2, D, NJ, B, H], in the
+    # layer's dtype (each a sum of GP*BLOCK_H products in fp32, rounded once, as the gate
+    # gradients were when they were exchanged instead; summed in fp32): half the bytes in
+    # fp16/bf16.
+    pbuf = torch.empty(2, b.D, nj, b.B, b.H, device=device, dtype=b.dgx.dtype)
     dhbuf = b.dhn.to(acc).contiguous().clone()
     dcbuf = b.dcn.to(acc).contiguous().clone() if b.is_lstm else None
     d0buf = torch.zeros(2, b.D, b.B, b.H, device=device, dtype=acc) if b.resets is not None \
         else None
+    block_j = max(2, triton.next_power_of_2(nj))
     for k_begin, k_end in _steps(b.T, stepped, finish=True):
         launch_kernel(
             _recurrence_bwd_coop_kernel, (nj, nbt, b.D),
@@ -670,11 +834,12 @@ def backward(b: BackwardArgs, the_plan: Plan) -> None:
             **b.zone_args(),
             dcell_ptr=b.dcell,
             dgx_ptr=b.dgx, dgh_ptr=b.dgh,
-            dh0_ptr=b.dh0, dc0_ptr=b.dc0, gbuf_ptr=gbuf, dhbuf_ptr=dhbuf, dcbuf_ptr=dcbuf,
+            dh0_ptr=b.dh0, dc0_ptr=b.dc0, pbuf_ptr=pbuf, dhbuf_ptr=dhbuf, dcbuf_ptr=dcbuf,
             d0buf_ptr=d0buf, flags_ptr=flags, err_ptr=err, wait_ns=wait, clip=b.clip,
             k_begin=k_begin, k_end=k_end, T=b.T, B=b.B, H=b.H,
-            BT=cfg.block_b, CELL=b.mode, G=b.G, NSAVE=b.NSAVE, ACC=b.ACC,
+            BT=cfg.block_b, CELL=b.mode, G=b.G, GP=cfg.gates, NSAVE=b.NSAVE, ACC=b.ACC,
             PRECISION=b.precision, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, BLOCK_N=BLOCK_N,
-            BLOCK_J=max(2, triton.next_power_of_2(nj)), SYNC=on_gpu,
+            BLOCK_J=block_j, NKC=cfg.column_tiles, JSUM=min(JSUM, block_j),
+            SYNC=on_gpu,
             **_launch_options(cfg, on_gpu))
     _watch(err, "backward")

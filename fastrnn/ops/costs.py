@@ -37,8 +37,8 @@ def _cooperative(problem: Problem, plan: Plan, cfg, forward: bool, save: bool) -
     nj = plan.grid[0]
     nsave = _modes.NUM_SAVED[problem.mode]
     lstm = problem.mode == _modes.LSTM
+    rows = (cfg.gates or _gates_padded(G)) * U
     if forward:
-        rows = _gates_padded(G) * U
         smem = (rows * K + K * BLOCK_N) * isz * copies * chunks
         read = BT * problem.H * isz + BT * G * U * isz + (BT * U * acc if lstm else 0)
         write = 2 * BT * U * isz + (BT * U * acc if lstm else 0)
@@ -48,14 +48,15 @@ def _cooperative(problem: Problem, plan: Plan, cfg, forward: bool, save: bool) -
                  f"({chunks}); reads the group's h ({BT}x{problem.H}) and its units' input "
                  "projections; writes y and the exchanged h (and the saved gates)")
     else:
-        smem = (G * U * K + G * K * BLOCK_N) * isz * copies * chunks
-        read = BT * G * problem.H * isz + BT * U * isz + BT * nsave * U * isz + BT * U * isz \
+        smem = (rows * K + rows * BLOCK_N) * isz * copies * chunks
+        read = nj * BT * U * isz + BT * U * isz + BT * nsave * U * isz + BT * U * isz \
             + (2 * BT * U * acc if lstm else 0)
-        write = 2 * BT * G * U * isz + (BT * U * acc if lstm else 0) + BT * U * acc
-        model = (f"W columns [{G}x{U}x{K}] + gate gradients [{G}x{K}x{BLOCK_N}] from shared "
-                 f"memory per chunk ({chunks}); reads the group's gate gradients ({BT}x{G}x"
-                 f"{problem.H}), its units' dy, saved gates and state; writes its gate gradients "
-                 "(exchanged and kept) and carried dh/dc")
+        write = BT * G * U * isz + BT * K * isz + (BT * U * acc if lstm else 0) + BT * U * acc
+        model = (f"W slice [{rows}x{K}] + its gate gradients [{rows}x{BLOCK_N}] from shared "
+                 f"memory per chunk ({chunks}); reads every program's partial product for its "
+                 f"units ({nj}x{BT}x{U}, the layer's dtype), its dy, saved gates and state; "
+                 f"writes its gate gradients, its partial product for every unit ({BT}x{K}) and "
+                 "carried dh/dc")
     return dict(smem_read_bytes=smem, l2_read_bytes=read, l2_write_bytes=write,
                 barriers=1 if nj > 1 else 0, launches=plan.launches_per_step[0 if forward else 1],
                 model=model)

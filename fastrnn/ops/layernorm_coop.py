@@ -52,7 +52,8 @@ from .args import acc_dtype
 from . import cooperative
 from .cooperative import (BLOCK_N, FLAG_STRIDE, _await, _group, _launch_state, _launch_options,
                           _own_columns, _own_rows, _program, _publish, _watch, check_errors)
-from .select import DeviceSpec, KernelConfig, Plan, Problem, fast_activations, launch_kernel
+from .select import (DeviceSpec, DoesNotFit, KernelConfig, Plan, Problem, fast_activations,
+                     launch_kernel)
 
 EPS = tl.constexpr(1e-5)   # torch.nn.LayerNorm's default (as ops/layernorm.py)
 
@@ -554,10 +555,16 @@ def plan(problem: Problem, spec: DeviceSpec) -> Plan:
     LayerNorm kernels; launches: one per pass on a GPU (or under the interpreter with one
     program per group), else one per phase."""
     base = cooperative.plan(problem, spec)
+    if not spec.interpreter and (base.kernels[0].gates != (4 if problem.G == 3 else problem.G)
+                                 or base.kernels[0].column_tiles != 1):
+        # These kernels hold the slice padded and whole, beside a whole state chunk.
+        raise DoesNotFit("the slice fits only unpadded or in column tiles (GRU H > 1024), "
+                         "which the LayerNorm kernels do not take")
     # Warps (compiled for sm_90, bf16 H=512; bench/kernel_resources.py --layernorm): the
     # forward spilled 536 bytes per thread with 4 and 72 with 8; the backward 472 with 4 and
-    # 920 with 8 (its W_hh columns are mma.sync operands held in registers: issue 17's
-    # spill-free backward applies to both cooperative backwards).
+    # 920 with 8 (its W_hh columns are mma.sync operands held in registers; the plain
+    # cooperative backward's reduce-scatter of partial products removed them there, not yet
+    # here).
     fwd, bwd = (KernelConfig(name, c.block_b, c.block_h, c.block_k, warps, c.num_stages,
                              c.shared_bytes, min(255, spec.regs_per_sm // (32 * warps)))
                 for name, c, warps in zip(KERNELS, base.kernels, (8, 4)))

@@ -165,6 +165,8 @@ class KernelConfig:
     num_stages: int = 1
     shared_bytes: int = 0        # estimate of the dynamic shared memory (the compiled figure rules)
     maxnreg: Optional[int] = None  # registers per thread ptxas may use (None: its own choice)
+    gates: int = 0               # cooperative: gates of W_hh's slice on chip (GRU 3, or 4 padded)
+    column_tiles: int = 1        # cooperative: column tiles W_hh's slice is held in
 
     def launch_options(self) -> dict:
         opts = {"num_warps": self.num_warps, "num_stages": self.num_stages}

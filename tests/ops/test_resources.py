@@ -47,7 +47,38 @@ def test_every_selectable_configuration_fits(gpu, tmp_path):
                        and r["constexprs"].get("HAS_PROJ") == "False")
         if has_dot and r["dtype"] != "fp64":  # Triton has no fp64 MMA; every other dtype does
             assert r["mma"] + r["wgmma"] > 0, f"{where}: no tensor-core instruction"
+        if r["kernel"] in COOPERATIVE and r["dtype"] != "fp64":
+            _check_cooperative(r, where, spec.arch)
     assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+COOPERATIVE = ("_recurrence_fwd_coop_kernel", "_recurrence_bwd_coop_kernel")
+
+
+def _check_cooperative(r, where, arch):
+    """The one-launch kernels: no spill instruction inside their time loop (a spill there is
+    paid on every step; the prologue's, loading the slice, once) in fp16, bf16 and TF32; on
+    sm_90 the backward's products are wgmma (the hidden size is their M dimension), and the
+    forward's too where the slice's stacked gates make 64 rows or more.
+
+    Named exceptions (README, "How it works"), where Triton keeps mma.sync operands (the
+    resident slice) in registers: fp32 with TF32 off (its 3xTF32 splits each operand in
+    registers); the forward of a GRU holding three gates unpadded (fp16/bf16 beyond H = 1024 on
+    an H100: products of 32 and 16 rows cannot use wgmma; 117 spill instructions in the loop at
+    H = 2047 bf16); before sm_90, the backward whose slice takes more than 64 registers a thread
+    even with 8 warps (A100: LSTM/GRU fp16/bf16 at H = 1000, 7-12 instructions; GRU TF32 at
+    H = 511, 4)."""
+    c = r["constexprs"]
+    forward = r["kernel"] == COOPERATIVE[0]
+    unpadded_gru = c["GP"] == "3"
+    itemsize = {"fp16": 2, "bf16": 2, "fp32": 4}[r["dtype"]]
+    slice_regs = int(c["GP"]) * int(c["BLOCK_H"]) * int(c["BLOCK_K"]) * itemsize // 4 // 256
+    register_slice = arch < 90 and not forward and slice_regs > 64
+    if c["PRECISION"] != "tf32x3" and not (forward and unpadded_gru) and not register_slice:
+        assert r["loop_spills"] == 0, f"{where}: {r['loop_spills']} spill instructions per step"
+    if arch == 90 and c["PRECISION"] != "tf32x3":
+        if not forward or (int(c["GP"]) * int(c["BLOCK_H"]) >= 64 and not unpadded_gru):
+            assert r["wgmma"] > 0 and r["mma"] == 0, f"{where}: not wgmma on sm_90"
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(TOOLS, "ptxas")),
@@ -60,8 +91,8 @@ def test_layer_norm_kernels_fit_without_spills(gpu, tmp_path):
     Spills: none in the persistent kernels (8 bytes per thread at most: the LSTM backward in
     fp32 as tf32x3 on sm_90), none in the cooperative ones at H=17 in fp16/bf16. The cooperative
     backward spills from H of about 100 (bf16 H=512 on sm_90: 472 bytes per thread for an LSTM,
-    624 for a GRU), as the plain cooperative backward does (its W_hh columns are mma.sync
-    operands held in registers): issue 17's spill-free backward. On sm_90 the cooperative
+    624 for a GRU): its W_hh columns are mma.sync operands held in registers, as the plain
+    cooperative backward's were before its reduce-scatter (issue 17). On sm_90 the cooperative
     forward's products are wgmma, but in tf32x3 at large H. (fp16's variants, left out for
     the suite's time, compile to the same figures as bf16's.)"""
     out = tmp_path / "resources.json"
@@ -70,8 +101,8 @@ def test_layer_norm_kernels_fit_without_spills(gpu, tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "kernel_resources.py"),
                            "--gpu", gpu, "--layernorm", "--hidden", "17", "--hidden", "512",
                            "--precision", "bf16", "--precision", "fp32-tf32",
-                           "--precision", "fp32-tf32x3", "--json", str(out)], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=1200)
+                           "--precision", "fp32-tf32x3", "--json", str(out)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())["variants"][gpu]
     assert {r["kernel"] for r in rows} == {"_ln_fwd_kernel", "_ln_bwd_kernel",
@@ -92,3 +123,24 @@ def test_layer_norm_kernels_fit_without_spills(gpu, tmp_path):
                 "tf32x3" not in r["first_problem"] or "/H17/" in r["first_problem"]):
             assert r["wgmma"] > 0, f"{where}: no wgmma on sm_90"
     assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+def test_loop_spills_counts_only_spills_inside_a_loop():
+    """``resources.loop_spills`` reads machine code: local loads and stores between a backward
+    branch's target and the branch count (they run every step); those before the loop (the
+    prologue) and after it do not."""
+    from fastrnn.ops.resources import loop_spills
+
+    sass = """
+        /*0000*/                   STL [R1+0x4], R2 ;
+        /*0010*/                   LDL.LU R3, [R1+0x4] ;
+        /*0020*/                   HGMMA.64x16x16.F32.BF16 R32, gdesc[UR8].tnspA, RZ ;
+        /*0030*/               @P0 STL [R1+0x8], R4 ;
+        /*0040*/                   LDL R5, [R1+0x8] ;
+        /*0050*/              @!P3 BRA 0x20 ;
+        /*0060*/                   STL [R1+0xc], R6 ;
+        /*0070*/                   EXIT ;
+        /*0080*/                   BRA 0x80;
+    """
+    assert loop_spills(sass) == 2
+    assert loop_spills(sass.replace("BRA 0x20", "BRA 0x70")) == 0
