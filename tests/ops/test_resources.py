@@ -25,12 +25,17 @@ TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
                     reason="this triton build ships no ptxas")
 @pytest.mark.parametrize("gpu", ["H100", "A100", "L4"])
 def test_every_selectable_configuration_fits(gpu, tmp_path):
+    """Every precision's variants but fp16's: its plans are bf16's, problem for problem (tested
+    below), and its kernels compile to bf16's figures (a full run of
+    ``bench/kernel_resources.py`` shows both); leaving them out saves a fifth of the compiles."""
     out = tmp_path / "resources.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    precisions = [a for p in ("bf16", "fp32-tf32", "fp32-tf32x3", "fp64")
+                  for a in ("--precision", p)]
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "kernel_resources.py"),
-                           "--gpu", gpu, "--json", str(out)], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=2400)
+                           "--gpu", gpu, *precisions, "--json", str(out)], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=2400)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())["variants"][gpu]
     spec = select.GPUS[gpu]
@@ -53,6 +58,31 @@ def test_every_selectable_configuration_fits(gpu, tmp_path):
 
 
 COOPERATIVE = ("_recurrence_fwd_coop_kernel", "_recurrence_bwd_coop_kernel")
+
+
+@pytest.mark.parametrize("gpu", ["H100", "A100", "L4"])
+def test_fp16_plans_are_bf16s(gpu):
+    """What lets the compiled check above leave fp16 out: over the whole grid of
+    ``bench/kernel_resources.py``, selection plans fp16 exactly as bf16 (strategy, tiles, warps,
+    grid), so the two compile the same kernels but for the element type."""
+    import itertools
+
+    import torch
+
+    from fastrnn import _modes
+    from fastrnn.ops import dispatch
+
+    spec = select.GPUS[gpu]
+    hidden = (16, 17, 33, 64, 100, 128, 255, 256, 511, 512, 1000, 1024, 2047, 2048)
+    for mode, proj, H, B, D in itertools.product(
+            (_modes.RNN_TANH, _modes.RNN_RELU, _modes.LSTM, _modes.GRU), (False, True), hidden,
+            (1, 7, 16, 64, 100, 256), (1, 2)):
+        if proj and mode != _modes.LSTM:
+            continue
+        P = max(1, H // 3) if proj else H
+        plans = [dispatch.plan(select.Problem(mode, B, H, P, D, dtype), spec)
+                 for dtype in (torch.float16, torch.bfloat16)]
+        assert plans[0] == plans[1], (mode, proj, H, B, D)
 
 
 def _check_cooperative(r, where, arch):
