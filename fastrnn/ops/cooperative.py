@@ -444,7 +444,7 @@ def _recurrence_bwd_coop_kernel(
                                + on64[None, None, :]) * H + o_u[None, :, None]
             for j in range(0, NJ, JSUM):
                 m_p = ((j + o_js) < NJ)[:, None, None] & m_un[None, :, :] & has_q[None, :, :]
-                rec += tl.sum(tl.load(p_in + ((j + o_js) * B * H).to(tl.int64)[:, None, None],
+                rec += tl.sum(tl.load(p_in + ((j + o_js).to(tl.int64) * B * H)[:, None, None],
                                       mask=m_p, other=0.0, cache_modifier=".cg").to(ACC), axis=0)
             state = (i_d * B + on64)[None, :] * H + o_u[:, None]
             if HAS_RMASK:  # the product saw mask * h
