@@ -52,8 +52,7 @@ PRECISIONS = {  # label -> (dtype, fp32 dot precision)
     "bf16": (torch.bfloat16, "ieee"),
     "fp64": (torch.float64, "ieee"),
 }
-HIDDEN = (16, 17, 33, 64, 100, 128, 255, 256, 511, 512, 1000, 1024, 2047, 2048)
-BATCH = (1, 7, 16, 64, 100, 256)
+HIDDEN, BATCH = resources.HIDDEN, resources.BATCH
 QUICK_HIDDEN = (17, 64, 256, 1024, 2048)
 QUICK_BATCH = (1, 64, 256)
 

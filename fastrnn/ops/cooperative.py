@@ -418,6 +418,7 @@ def _recurrence_bwd_coop_kernel(
     o_c = tl.arange(0, KC)
     a0, b0, a1, b1, a2, b2, a3, b3 = _slice_tiles(w_hh_ptr, i_d, i_j, H, G, GP, BLOCK_H, KC,
                                                   NKC)
+    GA: tl.constexpr = 2 if GP == 3 else GP       # gates stacked in the a tiles
     p_flags, b_lo, b_hi = _group(flags_ptr, i_bt, i_d, NJ, NBT, B, BT)
     o_js = tl.arange(0, JSUM)
     alive = 1
@@ -547,10 +548,7 @@ def _recurrence_bwd_coop_kernel(
                     g3 = tl.zeros_like(g0)
                 # This program's partial product for every unit, P_j = W_j^T dG_j, column tile
                 # by column tile: the other programs sum it after the barrier.
-                if GP == 3:
-                    dga = stack_gates(g0, g1, g2, g3, 2, BLOCK_H, BLOCK_N).to(W_DTYPE)
-                else:
-                    dga = stack_gates(g0, g1, g2, g3, GP, BLOCK_H, BLOCK_N).to(W_DTYPE)
+                dga = stack_gates(g0, g1, g2, g3, GA, BLOCK_H, BLOCK_N).to(W_DTYPE)
                 dgb = g2.to(W_DTYPE)
                 p_p = pbuf_ptr + ((((slot * D + i_d) * NJ + i_j).to(tl.int64) * B
                                    + on64[None, :]) * H + o_c[:, None])

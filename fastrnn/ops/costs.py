@@ -28,7 +28,7 @@ from .select import Plan, Problem, block, operand_copies
 
 
 def _cooperative(problem: Problem, plan: Plan, cfg, forward: bool, save: bool) -> dict:
-    from .cooperative import BLOCK_N, _gates_padded
+    from .cooperative import BLOCK_N
 
     isz, acc = problem.itemsize, 8 if problem.itemsize == 8 else 4
     G, U, K, BT = problem.G, cfg.block_h, cfg.block_k, cfg.block_b
@@ -37,7 +37,7 @@ def _cooperative(problem: Problem, plan: Plan, cfg, forward: bool, save: bool) -
     nj = plan.grid[0]
     nsave = _modes.NUM_SAVED[problem.mode]
     lstm = problem.mode == _modes.LSTM
-    rows = (cfg.gates or _gates_padded(G)) * U
+    rows = cfg.gates * U
     if forward:
         smem = (rows * K + K * BLOCK_N) * isz * copies * chunks
         read = BT * problem.H * isz + BT * G * U * isz + (BT * U * acc if lstm else 0)

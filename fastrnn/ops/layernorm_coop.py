@@ -555,7 +555,7 @@ def plan(problem: Problem, spec: DeviceSpec) -> Plan:
     LayerNorm kernels; launches: one per pass on a GPU (or under the interpreter with one
     program per group), else one per phase."""
     base = cooperative.plan(problem, spec)
-    if not spec.interpreter and (base.kernels[0].gates != (4 if problem.G == 3 else problem.G)
+    if not spec.interpreter and (base.kernels[0].gates != cooperative._gates_padded(problem.G)
                                  or base.kernels[0].column_tiles != 1):
         # These kernels hold the slice padded and whole, beside a whole state chunk.
         raise DoesNotFit("the slice fits only unpadded or in column tiles (GRU H > 1024), "

@@ -70,13 +70,12 @@ def test_fp16_plans_are_bf16s(gpu):
     import torch
 
     from fastrnn import _modes
-    from fastrnn.ops import dispatch
+    from fastrnn.ops import dispatch, resources
 
     spec = select.GPUS[gpu]
-    hidden = (16, 17, 33, 64, 100, 128, 255, 256, 511, 512, 1000, 1024, 2047, 2048)
     for mode, proj, H, B, D in itertools.product(
-            (_modes.RNN_TANH, _modes.RNN_RELU, _modes.LSTM, _modes.GRU), (False, True), hidden,
-            (1, 7, 16, 64, 100, 256), (1, 2)):
+            (_modes.RNN_TANH, _modes.RNN_RELU, _modes.LSTM, _modes.GRU), (False, True),
+            resources.HIDDEN, resources.BATCH, (1, 2)):
         if proj and mode != _modes.LSTM:
             continue
         P = max(1, H // 3) if proj else H
