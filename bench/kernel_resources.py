@@ -13,7 +13,7 @@ tensor-core instructions, and checked against the device:
 shared memory per block, and registers per program against the SM's register file.
 
     python bench/kernel_resources.py [--gpu H100 ...] [--quick] [--json out.json]
-        [--beyond | --layernorm] [--hidden N ...] [--precision P ...]
+        [--beyond | --layernorm] [--hidden N ...] [--precision P ...] [--cell C ...]
 
 Exit status 1 if a variant fails to compile or does not fit. Runs without TRITON_INTERPRET.
 """
@@ -152,13 +152,15 @@ def main(argv=None) -> int:
                     help="hidden sizes (repeatable; default: the grid's)")
     ap.add_argument("--precision", action="append", choices=sorted(PRECISIONS),
                     help="precisions (repeatable; default: all)")
+    ap.add_argument("--cell", action="append", choices=sorted(CELLS),
+                    help="cells (repeatable; default: all)")
     a = ap.parse_args(argv)
     if a.hidden:
         global HIDDEN, QUICK_HIDDEN
         HIDDEN = QUICK_HIDDEN = tuple(a.hidden)
     out, ok = {}, True
     for name in a.gpu or ("H100", "A100", "L4"):
-        rows, failed = check(select.GPUS[name], a.quick, precisions=a.precision,
+        rows, failed = check(select.GPUS[name], a.quick, cells=a.cell, precisions=a.precision,
                              beyond=a.beyond, layer_norm=a.layernorm)
         out[name] = rows
         ok &= not failed

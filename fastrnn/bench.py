@@ -164,6 +164,9 @@ def _grid_variants():
     # GRU whose padded slice does not fit: its three gates unpadded, one launch per pass on an
     # H100 (issue 17); stepwise where the GPU is smaller.
     out += [Config("variants", "GRU", 100, 64, 2048, 2048, dtype="bfloat16")]
+    # LSTMP at a speech recognizer's size: one launch per pass (ops/cooperative_proj.py), where
+    # it ran one launch per step before (issue 17).
+    out += [Config("variants", "LSTM", 100, 64, 512, 1024, dtype="bfloat16", proj=256)]
     return out
 
 

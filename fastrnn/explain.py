@@ -100,6 +100,11 @@ def format_explanation(rows: list[dict], header: str = "") -> str:
                          "programs; each step's statistics are reduced across them (forward 2 "
                          "grid barriers per step, backward 2 (LSTM) or 1 (GRU)); the input "
                          "side's LayerNorm runs with the input projection, before the recurrence")
+        elif r["strategy"] == "cooperative" and any(k["kernel"].startswith("_lstmp_")
+                                                    for k in r["kernels"]):
+            lines.append("  proj_size: two grid barriers per step (forward: the cell, then "
+                         "h = W_hr r for the state rows each program owns; backward: dh of "
+                         "the state rows, then the cell's gradients; ops/cooperative_proj.py)")
         elif r.get("layer_norm"):
             lines.append("  LayerNorm cell: the recurrent LayerNorm fused, a program per (batch "
                          "tile, direction) owning whole rows; the input side's LayerNorm runs "
@@ -115,8 +120,8 @@ def format_explanation(rows: list[dict], header: str = "") -> str:
             if "error" in k:
                 figures = f"does not compile: {k['error'].splitlines()[0][:120]}"
             elif "registers" in k:
-                cores = ("wgmma" if k["wgmma"] else "mma.sync" if k["mma"] else
-                         "none (FMA)")
+                cores = ("wgmma and mma.sync" if k["wgmma"] and k["mma"] else "wgmma"
+                         if k["wgmma"] else "mma.sync" if k["mma"] else "none (FMA)")
                 figures = (f"{k['shared_memory_bytes']} B shared memory, {k['registers']} "
                            f"registers/thread, {k['stack_bytes']} B stack (spills; "
                            f"{k['loop_spills']} spill instructions in the time loop), tensor "

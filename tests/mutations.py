@@ -296,6 +296,41 @@ MUTATIONS = (
         ("tests/ops/test_recurrence.py::test_cooperative_with_many_programs_per_group"
          "[2-16-4-False-lstm]",),
         "the forward's product takes each column tile of the state once"),
+    Mutation(
+        "projection-forward-skips-a-partial-owner", "fastrnn/ops/cooperative_proj.py",
+        "        elif i_j * BLOCK_H < P:",
+        "        elif (i_j + 1) * BLOCK_H <= P:",
+        ("tests/ops/test_recurrence.py::test_cooperative_projection_with_many_programs"
+         "[1-16-1-40-20]",),
+        "the program whose state rows pass P still owns the ones below it"),
+    Mutation(
+        "projection-backward-sums-one-program-too-few", "fastrnn/ops/cooperative_proj.py",
+        "                        m_j = ((j + o_js) < NJ)[:, None, None]",
+        "                        m_j = ((j + o_js) < NJ - 1)[:, None, None]",
+        ("tests/ops/test_recurrence.py::test_cooperative_projection_with_many_programs"
+         "[2-8-2-40-20]",),
+        "dh of a state row sums the partial products of every program of its group"),
+    Mutation(
+        "projection-dhp-ignores-lengths", "fastrnn/ops/cooperative_proj.py",
+        "                                 tl.where(act, dh, 0.0).to(dhp_ptr.dtype.element_ty),",
+        "                                 dh.to(dhp_ptr.dtype.element_ty),",
+        ("tests/ops/test_recurrence.py::test_cooperative_projection_with_many_programs"
+         "[2-16-4-56-40]",),
+        "rows past their length took no step: no gradient of W_hr from them"),
+    Mutation(
+        "projection-reset-keeps-the-state", "fastrnn/ops/cooperative_proj.py",
+        "                    h_next = tl.where(start, tl.load(h0_ptr + state, mask=m_pn,",
+        "                    h_next = tl.where(start & False, tl.load(h0_ptr + state, mask=m_pn,",
+        ("tests/test_beyond.py::test_cooperative_resets_with_many_programs_per_group"
+         "[lstm_proj]",),
+        "an episode start brings back the initial projected state"),
+    Mutation(
+        "projection-streams-one-chunk-too-few", "fastrnn/ops/cooperative_proj.py",
+        "    for k0 in range(0, K, DR_K):",
+        "    for k0 in range(0, K - 1 - (K - 1) % DR_K, DR_K):",
+        ("tests/ops/test_recurrence.py::test_cooperative_projection_with_many_programs"
+         "[2-16-4-56-40]",),
+        "W_hr's streamed product covers every column (DR_K at a time)"),
 )
 
 BY_NAME = {m.name: m for m in MUTATIONS}

@@ -81,13 +81,13 @@ def test_forcing_a_strategy_that_cannot_fit_raises_before_launching():
     with pytest.raises(RuntimeError, match=r"strategy 'persistent' cannot run LSTM "
                                            r"hidden_size=1024 .* on H100: W_hh is"):
         dispatch.plan(big, GPUS["H100"], "persistent")
-    proj = Problem(_modes.LSTM, 16, 64, 16, 1, torch.float32, "tf32")
-    with pytest.raises(RuntimeError, match="cooperative.*no proj_size"):
+    proj = Problem(_modes.LSTM, 16, 8192, 1024, 1, torch.float32, "tf32")
+    with pytest.raises(RuntimeError, match=r"cooperative.*proj_size=1024.*> 132 SMs"):
         dispatch.plan(proj, GPUS["H100"], "cooperative")
-    # And through a module: nothing launches.
-    lstm = fastrnn.LSTM(3, 4, proj_size=2).to(DEVICE)
+    # And through a module: nothing launches (W_hh of H=128 is more than one program holds).
+    lstm = fastrnn.LSTM(3, 128).to(DEVICE)
     before = launches()
-    with fastrnn.force_strategy("cooperative"), pytest.raises(RuntimeError, match="no proj_size"):
+    with fastrnn.force_strategy("persistent"), pytest.raises(RuntimeError, match="W_hh is"):
         lstm(torch.randn(2, 1, 3, device=DEVICE))
     assert launches() == before
 

@@ -159,6 +159,23 @@ def test_static_cost_per_step_for_every_strategy():
     assert 32 * 1024 * 2 < bwd["l2_write_bytes"] < 2 * 32 * 1024 * 2
     # the W slice (64 x 1024) and the slice's gate gradients (64 x 16), per chunk.
     assert bwd["smem_read_bytes"] == (64 * 1024 + 64 * 16) * 2 * 2
+    # With proj_size (ops/cooperative_proj.py): two barriers per step. The forward of a program
+    # owning state rows: the slice [64 x 256] and h chunk [256 x 16], W_hr's rows [16 x 1024]
+    # and the r chunk [1024 x 16] per chunk (2); it reads the group's h (32 x 256), input
+    # projections (32 x 64), c (fp32), every unit's r (32 x 1024), W_hr's rows and its h rows.
+    (row,) = explain_problem(select.Problem(_modes.LSTM, 64, 1024, 256, 1, torch.bfloat16), h100,
+                             100, compiled=False)
+    assert row["strategy"] == "cooperative" and row["grid"][:2] == [64, 2]
+    fwd, bwd = (k["per_step"] for k in row["kernels"])
+    assert [k["kernel"] for k in row["kernels"]] == ["_lstmp_fwd_coop_kernel",
+                                                     "_lstmp_bwd_coop_kernel"]
+    assert fwd["smem_read_bytes"] == (64 * 256 + 256 * 16 + 16 * 1024 + 1024 * 16) * 2 * 2
+    assert fwd["l2_read_bytes"] == (32 * 256 * 2 + 32 * 64 * 2 + 32 * 16 * 4 + 32 * 1024 * 2
+                                    + 16 * 1024 * 2 + 32 * 16 * 2)
+    assert (fwd["barriers"], fwd["launches"], bwd["barriers"], bwd["launches"]) == (2, 0, 2, 0)
+    # the 64 programs' partial products for its 16 state rows, and its own for all 256.
+    assert 64 * 32 * 16 * 2 < bwd["l2_read_bytes"] < 2 * 64 * 32 * 16 * 2
+    assert 32 * 256 * 2 < bwd["l2_write_bytes"] < 4 * 32 * 256 * 2
     for problem, strategy, launches in [
             (select.Problem(_modes.GRU, 16, 64, 64, 2, torch.float16), "persistent", 0),
             (select.Problem(_modes.LSTM, 16, 4096, 1024, 1, torch.float16), "stepwise", 1)]:

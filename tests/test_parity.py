@@ -29,9 +29,8 @@ CELLS = {  # id -> (torch.nn class name, extra constructor kwargs)
     "lstm_proj": ("LSTM", {"proj_size": P}),
     "gru": ("GRU", {}),
 }
-# Every strategy with every cell it runs (cooperative has no proj_size).
-STRATEGY_CELLS = [(s, c) for s in STRATEGIES for c in CELLS
-                  if not (s == "cooperative" and c == "lstm_proj")]
+# Every strategy with every cell.
+STRATEGY_CELLS = [(s, c) for s in STRATEGIES for c in CELLS]
 
 
 def _module_kwargs(cell, **kwargs):

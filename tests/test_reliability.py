@@ -93,8 +93,7 @@ def test_nan_and_inf_in_states_propagate_like_torch(cell):
 def test_bitwise_deterministic(strategy):
     """Same inputs, bitwise-identical outputs and gradients, run after run (no atomics; the
     cooperative barrier orders steps, never sums)."""
-    proj = {} if strategy == "cooperative" else dict(proj_size=3)  # cooperative: no proj_size
-    fast, ref = make_pair("LSTM", I, H, num_layers=2, bidirectional=True, **proj)
+    fast, ref = make_pair("LSTM", I, H, num_layers=2, bidirectional=True, proj_size=3)
     build, leaves = make_inputs(ref, "packed_unsorted", 5, 3, with_hx=True)
     results = []
     for _ in range(3):

@@ -36,7 +36,8 @@ launch with the barrier left out (the kernel boundary orders the steps). That ex
 per-step code, with several programs per group, on the CPU. A group of one program needs no
 barrier and runs the whole sequence in one launch there too.
 
-Not for proj_size (h and the cell state live in different spaces: a second barrier per step).
+LSTMs with proj_size run in ``ops/cooperative_proj.py`` (h and the cell state live in different
+spaces: two barriers per step), which shares this module's slices, barrier and launch.
 """
 
 import os
@@ -92,16 +93,17 @@ def _group(flags_ptr, i_bt, i_d, NJ, NBT, B, BT):
 
 
 @triton.jit
-def _gate_rows(w_hh_ptr, i_d, i_j, o_k, m_k, H, G: tl.constexpr, FIRST: tl.constexpr,
+def _gate_rows(w_hh_ptr, i_d, i_j, o_k, m_k, H, K, G: tl.constexpr, FIRST: tl.constexpr,
                NG: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Program i_j's rows of gates FIRST .. FIRST+NG-1 of W_hh[d], stacked, [NG*BLOCK_H, K]:
-    row r is gate FIRST + r // BLOCK_H of unit i_j * BLOCK_H + r % BLOCK_H (rows of a padding
-    gate, G and up, and of units past H are zero)."""
+    """Program i_j's rows of gates FIRST .. FIRST+NG-1 of a stacked weight [D, G*H, K] (W_hh;
+    W_hr as G = 1 with P for H), stacked, [NG*BLOCK_H, columns o_k]: row r is gate
+    FIRST + r // BLOCK_H of unit i_j * BLOCK_H + r % BLOCK_H (rows of a padding gate, G and up,
+    and of units past H are zero)."""
     o_m = tl.arange(0, NG * BLOCK_H)
     r_gate = FIRST + o_m // BLOCK_H
     r_unit = i_j * BLOCK_H + o_m % BLOCK_H
     m_r = (r_gate < G) & (r_unit < H)
-    return tl.load(w_hh_ptr + i_d * (G * H * H) + (r_gate * H + r_unit)[:, None] * H
+    return tl.load(w_hh_ptr + i_d * (G * H * K) + (r_gate * H + r_unit)[:, None] * K
                    + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
 
 
@@ -109,33 +111,33 @@ def _gate_rows(w_hh_ptr, i_d, i_j, o_k, m_k, H, G: tl.constexpr, FIRST: tl.const
 def _own_rows(w_hh_ptr, i_d, i_j, o_k, m_k, H, G: tl.constexpr, GP: tl.constexpr,
               BLOCK_H: tl.constexpr):
     """The forward's slice: program i_j's rows of W_hh[d], all gates stacked, [GP*BLOCK_H, K]."""
-    return _gate_rows(w_hh_ptr, i_d, i_j, o_k, m_k, H, G, 0, GP, BLOCK_H)
+    return _gate_rows(w_hh_ptr, i_d, i_j, o_k, m_k, H, H, G, 0, GP, BLOCK_H)
 
 
 @triton.jit
-def _slice_tile(w_hh_ptr, i_d, i_j, o_c, H, G: tl.constexpr, GP: tl.constexpr,
+def _slice_tile(w_hh_ptr, i_d, i_j, o_c, H, K, G: tl.constexpr, GP: tl.constexpr,
                 BLOCK_H: tl.constexpr):
-    """Columns o_c of program i_j's row slice, as (a, b): GP gates stacked in ``a`` (``b``
-    aliases it), or for GP == 3 (a GRU without the padding gate: 3 x 16 rows are no power of
-    two) the r and z rows in ``a`` [2*BLOCK_H, KC] and the n rows in ``b`` [BLOCK_H, KC]."""
-    m_c = o_c < H
+    """Columns o_c (of K) of program i_j's row slice, as (a, b): GP gates stacked in ``a``
+    (``b`` aliases it), or for GP == 3 (a GRU without the padding gate: 3 x 16 rows are no power
+    of two) the r and z rows in ``a`` [2*BLOCK_H, KC] and the n rows in ``b`` [BLOCK_H, KC]."""
+    m_c = o_c < K
     if GP == 3:
-        a = _gate_rows(w_hh_ptr, i_d, i_j, o_c, m_c, H, G, 0, 2, BLOCK_H)
-        b = _gate_rows(w_hh_ptr, i_d, i_j, o_c, m_c, H, G, 2, 1, BLOCK_H)
+        a = _gate_rows(w_hh_ptr, i_d, i_j, o_c, m_c, H, K, G, 0, 2, BLOCK_H)
+        b = _gate_rows(w_hh_ptr, i_d, i_j, o_c, m_c, H, K, G, 2, 1, BLOCK_H)
     else:
-        a = _gate_rows(w_hh_ptr, i_d, i_j, o_c, m_c, H, G, 0, GP, BLOCK_H)
+        a = _gate_rows(w_hh_ptr, i_d, i_j, o_c, m_c, H, K, G, 0, GP, BLOCK_H)
         b = a
     return a, b
 
 
 @triton.jit
-def _slice_tiles(w_hh_ptr, i_d, i_j, H, G: tl.constexpr, GP: tl.constexpr,
+def _slice_tiles(w_hh_ptr, i_d, i_j, H, K, G: tl.constexpr, GP: tl.constexpr,
                  BLOCK_H: tl.constexpr, KC: tl.constexpr, NKC: tl.constexpr):
-    """The row slice in NKC (1, 2 or 4) column tiles of KC columns each, resident for the whole
-    sequence: (a0, b0, a1, b1, a2, b2, a3, b3) as ``_slice_tile`` (unused tiles alias the
-    first)."""
+    """The row slice of a weight [D, G*H, K] in NKC (1, 2 or 4) column tiles of KC columns each,
+    resident for the whole sequence: (a0, b0, a1, b1, a2, b2, a3, b3) as ``_slice_tile`` (unused
+    tiles alias the first)."""
     o_c = tl.arange(0, KC)
-    a0, b0 = _slice_tile(w_hh_ptr, i_d, i_j, o_c, H, G, GP, BLOCK_H)
+    a0, b0 = _slice_tile(w_hh_ptr, i_d, i_j, o_c, H, K, G, GP, BLOCK_H)
     a1 = a0
     b1 = b0
     a2 = a0
@@ -143,10 +145,10 @@ def _slice_tiles(w_hh_ptr, i_d, i_j, H, G: tl.constexpr, GP: tl.constexpr,
     a3 = a0
     b3 = b0
     if NKC >= 2:
-        a1, b1 = _slice_tile(w_hh_ptr, i_d, i_j, o_c + KC, H, G, GP, BLOCK_H)
+        a1, b1 = _slice_tile(w_hh_ptr, i_d, i_j, o_c + KC, H, K, G, GP, BLOCK_H)
     if NKC == 4:
-        a2, b2 = _slice_tile(w_hh_ptr, i_d, i_j, o_c + 2 * KC, H, G, GP, BLOCK_H)
-        a3, b3 = _slice_tile(w_hh_ptr, i_d, i_j, o_c + 3 * KC, H, G, GP, BLOCK_H)
+        a2, b2 = _slice_tile(w_hh_ptr, i_d, i_j, o_c + 2 * KC, H, K, G, GP, BLOCK_H)
+        a3, b3 = _slice_tile(w_hh_ptr, i_d, i_j, o_c + 3 * KC, H, K, G, GP, BLOCK_H)
     return a0, b0, a1, b1, a2, b2, a3, b3
 
 
@@ -266,7 +268,7 @@ def _recurrence_fwd_coop_kernel(
     # The slice, resident: NKC column tiles of KC units each (the product's inner dimension).
     KC: tl.constexpr = BLOCK_K // NKC
     o_c = tl.arange(0, KC)
-    a0, b0, a1, b1, a2, b2, a3, b3 = _slice_tiles(w_hh_ptr, i_d, i_j, H, G, GP, BLOCK_H, KC,
+    a0, b0, a1, b1, a2, b2, a3, b3 = _slice_tiles(w_hh_ptr, i_d, i_j, H, H, G, GP, BLOCK_H, KC,
                                                   NKC)
     GA: tl.constexpr = 2 if GP == 3 else GP       # gates stacked in the a tiles
     b_bhn = 0.0
@@ -416,7 +418,7 @@ def _recurrence_bwd_coop_kernel(
     m_u = o_u < H
     KC: tl.constexpr = BLOCK_K // NKC
     o_c = tl.arange(0, KC)
-    a0, b0, a1, b1, a2, b2, a3, b3 = _slice_tiles(w_hh_ptr, i_d, i_j, H, G, GP, BLOCK_H, KC,
+    a0, b0, a1, b1, a2, b2, a3, b3 = _slice_tiles(w_hh_ptr, i_d, i_j, H, H, G, GP, BLOCK_H, KC,
                                                   NKC)
     GA: tl.constexpr = 2 if GP == 3 else GP       # gates stacked in the a tiles
     p_flags, b_lo, b_hi = _group(flags_ptr, i_bt, i_d, NJ, NBT, B, BT)
@@ -608,13 +610,19 @@ def _configs(gp: int, nkc_f: int, nkc_b: int, bwd: dict | None = None, **cfg) ->
                          **{**cfg, **(bwd or {})}))
 
 
+def takes(problem: Problem) -> bool:
+    """This module runs the cooperative strategy's layers without a projection (``dispatch``;
+    ``cooperative_proj`` runs those with one)."""
+    return not problem.has_proj
+
+
 def plan(problem: Problem, spec: DeviceSpec) -> Plan:
     """Slices of BLOCK_H units, one program each, every direction and batch tile its own group;
     W_hh's slice resident in shared memory in both passes. GRU's slice is padded to four gates
     (one 64-row product: wgmma on sm_90) where that fits, else holds its three gates (two
     products of 32 and 16 rows: mma.sync), so GRU runs here wherever its real weights fit."""
     if problem.has_proj:
-        raise DoesNotFit("no proj_size (h and the cell state would need two barriers per step)")
+        raise DoesNotFit("proj_size runs in ops/cooperative_proj.py")
     G, H, D, B = problem.G, problem.H, problem.D, problem.B
     K = block(H)
     isz = problem.itemsize * operand_copies(problem)
@@ -756,6 +764,12 @@ def _steps(T: int, stepped: bool, finish: bool = False):
     if not stepped:
         return [(0, last)]
     return [(k, k) for k in range(last + 1)]
+
+
+def phases(total: int, stepped: bool):
+    """[begin, end) ranges of a kernel's phases (several per step: barriers between them): all
+    in one launch, or one per launch (stepped, under the interpreter)."""
+    return [(u, u + 1) for u in range(total)] if stepped else [(0, total)]
 
 
 def _launch_state(the_plan: Plan, D: int, device: torch.device):

@@ -62,6 +62,45 @@ def _cooperative(problem: Problem, plan: Plan, cfg, forward: bool, save: bool) -
                 model=model)
 
 
+def _cooperative_proj(problem: Problem, plan: Plan, cfg, forward: bool, save: bool) -> dict:
+    """LSTM with proj_size (ops/cooperative_proj.py), for a program that owns state rows (the
+    busiest): two phases and two barriers per step."""
+    from .cooperative import BLOCK_N
+
+    isz, acc = problem.itemsize, 8 if problem.itemsize == 8 else 4
+    H, P, U, K, BT = problem.H, problem.P, cfg.block_h, cfg.block_k, cfg.block_b
+    R = block(H)
+    chunks = triton.cdiv(BT, BLOCK_N)
+    copies = operand_copies(problem)
+    nj = plan.grid[0]
+    if forward:
+        smem = ((4 * U * K + K * BLOCK_N) + (U * R + R * BLOCK_N)) * isz * copies * chunks
+        read = BT * P * isz + BT * 4 * U * isz + BT * U * acc + BT * R * isz + U * R * isz \
+            + BT * U * isz
+        write = BT * U * isz + BT * U * acc + 2 * BT * U * isz
+        if save:
+            write += BT * 4 * U * isz + BT * U * acc
+        model = (f"A: W slice [{4 * U}x{K}] + h chunk [{K}x{BLOCK_N}] from shared memory per "
+                 f"chunk ({chunks}), reads the group's h ({BT}x{P}) and its units' input "
+                 f"projections, writes r and c; B: W_hr's rows [{U}x{R}] (L1 after the first "
+                 f"step) times every unit's r ({BT}x{R}), writes y and h of its state rows")
+    else:
+        smem = ((4 * U * K + 4 * U * BLOCK_N) + (U * K + K * BLOCK_N)) * isz * copies * chunks
+        read = nj * BT * U * isz + BT * U * acc + BT * U * isz \
+            + BT * K * isz + U * K * isz + BT * U * acc + BT * 4 * U * isz + 2 * BT * U * acc
+        write = BT * U * isz * 2 + BT * U * acc \
+            + BT * 4 * U * isz + BT * U * acc + BT * K * isz
+        model = (f"1: reads every program's partial product for its state rows ({nj}x{BT}x{U}, "
+                 "the layer's dtype) and its dy, writes dh (to L2 and dhp) and the carried dh; "
+                 f"2: W_hr's columns [{K}x{U}] (L1 after the first step) times the group's dh "
+                 f"({BT}x{K}), the saved gates and cell, W slice [{4 * U}x{K}] + gate gradients "
+                 f"from shared memory per chunk ({chunks}), writes its gate gradients, its "
+                 f"partial product ({BT}x{K}) and dc")
+    return dict(smem_read_bytes=smem, l2_read_bytes=read, l2_write_bytes=write,
+                barriers=2 if nj > 1 else 0, launches=plan.launches_per_step[0 if forward else 1],
+                model=model)
+
+
 def _persistent(problem: Problem, plan: Plan, cfg, forward: bool, save: bool) -> dict:
     isz, acc = problem.itemsize, 8 if problem.itemsize == 8 else 4
     G, bh, bp, BB = problem.G, cfg.block_h, cfg.block_k, cfg.block_b
@@ -195,6 +234,8 @@ def per_step(problem: Problem, plan: Plan, save: bool = True) -> dict:
             out[cfg.kernel] = _layer_norm_coop(problem, plan, cfg, forward, save)
         elif cfg.kernel.startswith("_ln_"):
             out[cfg.kernel] = _layer_norm(problem, plan, cfg, forward, save)
+        elif cfg.kernel.startswith("_lstmp_"):
+            out[cfg.kernel] = _cooperative_proj(problem, plan, cfg, forward, save)
         elif plan.strategy == "cooperative":
             out[cfg.kernel] = _cooperative(problem, plan, cfg, forward, save)
         elif plan.strategy == "persistent":

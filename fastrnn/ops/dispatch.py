@@ -15,7 +15,9 @@ and raises DoesNotFit where it cannot; this module picks among them, in this ord
 
 ``force_strategy`` / ``FASTRNN_STRATEGY`` override the choice; a forced strategy that cannot run a
 problem on the device raises before anything is launched. Adding a strategy is one module
-(``plan``, ``forward``, ``backward``, ``KERNELS``) and one line of ``STRATEGIES``.
+(``plan``, ``forward``, ``backward``, ``KERNELS``) and one line of ``STRATEGIES``; a strategy
+may run some problems in a module of their own (``takes(problem)`` says which: the cooperative
+strategy's LSTMs with proj_size run in ``cooperative_proj``).
 """
 
 from __future__ import annotations
@@ -30,15 +32,23 @@ from typing import Optional
 import torch
 
 from ..backend import interpreting
-from . import cooperative, layernorm, persistent, stepwise
+from . import cooperative, cooperative_proj, layernorm, persistent, stepwise
 from .select import LAUNCHES, DeviceSpec, DoesNotFit, Plan, Problem, describe, precision
 
-STRATEGIES = {  # name -> module, in the order selection tries them
-    "persistent": persistent,
-    "cooperative": cooperative,
-    "stepwise": stepwise,
+STRATEGIES = {  # name -> its modules, in the order selection tries the strategies
+    "persistent": (persistent,),
+    "cooperative": (cooperative, cooperative_proj),
+    "stepwise": (stepwise,),
 }
 STRATEGY_NAMES = tuple(STRATEGIES)
+# The module that launches each kernel (``launch`` finds a plan's module by its kernels).
+_MODULE_OF = {k: m for ms in STRATEGIES.values() for m in ms for ks in m.KERNELS.values()
+              for k in ks}
+
+
+def module(name: str, problem: Problem):
+    """The module of strategy ``name`` that runs ``problem``: the first that ``takes`` it."""
+    return next(m for m in STRATEGIES[name] if getattr(m, "takes", lambda p: True)(problem))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -46,11 +56,9 @@ def plan(problem: Problem, spec: DeviceSpec, strategy: Optional[str] = None) -> 
     """The plan for ``problem`` on ``spec``: the forced ``strategy``, or the choice described in
     this module's docstring. Raises ValueError (unknown strategy) or RuntimeError (the strategy
     cannot run the problem on this device) before anything runs."""
-    modules = STRATEGIES
     if strategy:
-        module = modules[check_strategy(strategy)]
         try:
-            return module.plan(problem, spec)
+            return module(check_strategy(strategy), problem).plan(problem, spec)
         except DoesNotFit as e:
             raise RuntimeError(
                 f"fastrnn: strategy {strategy!r} cannot run {problem.describe()} on {spec.name}: "
@@ -63,7 +71,7 @@ def plan(problem: Problem, spec: DeviceSpec, strategy: Optional[str] = None) -> 
         if problem.dtype == torch.float64 and not spec.interpreter and name != "stepwise":
             continue  # fp64 on a GPU is for checking, not speed: one strategy, one configuration
         try:
-            return modules[name].plan(problem, spec)
+            return module(name, problem).plan(problem, spec)
         except DoesNotFit as e:
             reasons.append(f"{name}: {e}")
     raise RuntimeError(f"fastrnn: no strategy fits {problem.describe()} on {spec.name} "
@@ -73,9 +81,9 @@ def plan(problem: Problem, spec: DeviceSpec, strategy: Optional[str] = None) -> 
 def why_not(problem: Problem, spec: DeviceSpec) -> dict:
     """For each strategy, None if it can run the problem, else the reason it cannot."""
     out = {}
-    for name, module in STRATEGIES.items():
+    for name in STRATEGY_NAMES:
         try:
-            module.plan(problem, spec)
+            module(name, problem).plan(problem, spec)
             out[name] = None
         except DoesNotFit as e:
             out[name] = str(e)
@@ -136,8 +144,8 @@ def select_strategy(mode: int, H: int, P: int, B: int, dtype: torch.dtype, devic
 def strategy_kernels(strategy: str, direction: Optional[str] = None) -> tuple:
     """The kernels a strategy launches in one pass ("fwd", "bwd") or both (``KERNELS`` in its
     module)."""
-    table = STRATEGIES[check_strategy(strategy)].KERNELS
-    out = tuple(k for d in ("fwd", "bwd") if direction in (None, d) for k in table[d])
+    out = tuple(k for d in ("fwd", "bwd") if direction in (None, d)
+                for m in STRATEGIES[check_strategy(strategy)] for k in m.KERNELS[d])
     if strategy in layernorm.STRATEGIES:  # LayerNorm layers' kernels (ops/layernorm.py)
         out += tuple(k for d, k in zip(("fwd", "bwd"), layernorm.kernels(strategy))
                      if direction in (None, d))
@@ -170,6 +178,8 @@ def run_pass(run, args, the_plan: Plan) -> None:
 
 
 def launch(strategy: str, direction: str, args, the_plan: Plan) -> None:
-    """Run one pass ("fwd" or "bwd") of ``strategy``."""
-    module = STRATEGIES[strategy]
-    run_pass(module.forward if direction == "fwd" else module.backward, args, the_plan)
+    """Run one pass ("fwd" or "bwd") of ``strategy`` (the module whose kernels ``the_plan``
+    configures)."""
+    assert the_plan.strategy == strategy, (the_plan.strategy, strategy)
+    m = _MODULE_OF[the_plan.kernels[0].kernel]
+    run_pass(m.forward if direction == "fwd" else m.backward, args, the_plan)

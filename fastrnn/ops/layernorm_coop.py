@@ -583,11 +583,6 @@ def plan(problem: Problem, spec: DeviceSpec) -> Plan:
                 launches_fixed=fixed)
 
 
-def _phases(total: int, stepped: bool):
-    """[begin, end) phase ranges: all in one launch, or one per launch."""
-    return [(u, u + 1) for u in range(total)] if stepped else [(0, total)]
-
-
 def _block_j(nj: int) -> int:
     return max(2, triton.next_power_of_2(nj))
 
@@ -606,7 +601,7 @@ def forward(a, the_plan: Plan) -> None:
     obuf = torch.empty(a.D, a.B, a.H, device=device, dtype=acc) if is_lstm else qbuf
     qpart = torch.zeros(a.D, a.B, nj, 2, device=device, dtype=acc)
     cpart = torch.zeros(a.D, a.B, nj, 2, device=device, dtype=acc) if is_lstm else qpart
-    for u_begin, u_end in _phases(2 * a.T + (1 if is_lstm else 0), stepped):
+    for u_begin, u_end in cooperative.phases(2 * a.T + (1 if is_lstm else 0), stepped):
         launch_kernel(
             _ln_fwd_coop_kernel, (nj, nbt, a.D),
             xg_ptr=a.xg, stride_xt=a.xg.stride(0), stride_xb=a.xg.stride(1),
@@ -639,7 +634,7 @@ def backward(b, the_plan: Plan) -> None:
     epart = torch.zeros(2, b.D, b.B, nj, 2, device=device, dtype=acc)
     spart = torch.zeros(b.D, b.B, nj, 2, device=device, dtype=acc) if is_lstm else epart
     dcbuf = dcs[b.T % 2]
-    for u_begin, u_end in _phases((2 if is_lstm else 1) * b.T + 1, stepped):
+    for u_begin, u_end in cooperative.phases((2 if is_lstm else 1) * b.T + 1, stepped):
         launch_kernel(
             _ln_bwd_coop_kernel, (nj, nbt, b.D),
             dy_ptr=b.dy, stride_dyt=b.dy.stride(0), stride_dyb=b.dy.stride(1),

@@ -57,7 +57,8 @@ def test_every_selectable_configuration_fits(gpu, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:]
 
 
-COOPERATIVE = ("_recurrence_fwd_coop_kernel", "_recurrence_bwd_coop_kernel")
+COOPERATIVE = ("_recurrence_fwd_coop_kernel", "_recurrence_bwd_coop_kernel",
+               "_lstmp_fwd_coop_kernel", "_lstmp_bwd_coop_kernel")
 
 
 @pytest.mark.parametrize("gpu", ["H100", "A100", "L4"])
@@ -98,16 +99,21 @@ def _check_cooperative(r, where, arch):
     even with 8 warps (A100: LSTM/GRU fp16/bf16 at H = 1000, 7-12 instructions; GRU TF32 at
     H = 511, 4)."""
     c = r["constexprs"]
-    forward = r["kernel"] == COOPERATIVE[0]
-    unpadded_gru = c["GP"] == "3"
+    forward = "_fwd_" in r["kernel"]
+    proj = r["kernel"].startswith("_lstmp_")   # LSTM with proj_size (ops/cooperative_proj.py)
+    gates = int(c.get("GP", "4"))
+    unpadded_gru = gates == 3
     itemsize = {"fp16": 2, "bf16": 2, "fp32": 4}[r["dtype"]]
-    slice_regs = int(c["GP"]) * int(c["BLOCK_H"]) * int(c["BLOCK_K"]) * itemsize // 4 // 256
+    slice_regs = gates * int(c["BLOCK_H"]) * int(c["BLOCK_K"]) * itemsize // 4 // 256
     register_slice = arch < 90 and not forward and slice_regs > 64
     if c["PRECISION"] != "tf32x3" and not (forward and unpadded_gru) and not register_slice:
         assert r["loop_spills"] == 0, f"{where}: {r['loop_spills']} spill instructions per step"
     if arch == 90 and c["PRECISION"] != "tf32x3":
-        if not forward or (int(c["GP"]) * int(c["BLOCK_H"]) >= 64 and not unpadded_gru):
-            assert r["wgmma"] > 0 and r["mma"] == 0, f"{where}: not wgmma on sm_90"
+        # The backward's product has the slice's K (H, or P with a projection) as its M: wgmma
+        # from 64. With a projection, W_hr's streamed products have 16 rows: mma.sync beside.
+        if (not forward and int(c["BLOCK_K"]) >= 64) or (
+                forward and gates * int(c["BLOCK_H"]) >= 64 and not unpadded_gru):
+            assert r["wgmma"] > 0 and (proj or r["mma"] == 0), f"{where}: not wgmma on sm_90"
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(TOOLS, "ptxas")),
