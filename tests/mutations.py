@@ -331,6 +331,14 @@ MUTATIONS = (
         ("tests/ops/test_recurrence.py::test_cooperative_projection_with_many_programs"
          "[2-16-4-56-40]",),
         "W_hr's streamed product covers every column (DR_K at a time)"),
+    Mutation(
+        "projection-partials-in-fp8", "fastrnn/ops/cooperative_proj.py",
+        "                    tl.store(p_p, _tile_partial(a0, a0, dga, dga, 4, PRECISION).to(P_DTYPE),",
+        "                    tl.store(p_p, _tile_partial(a0, a0, dga, dga, 4, PRECISION)"
+        ".to(tl.float8e5).to(P_DTYPE),",
+        ("tests/ops/test_recurrence.py::test_cooperative_half_precision_partials_cost_no_accuracy"
+         "[LSTMP]",),
+        "the partial products are exchanged at the layer's precision, no narrower"),
 )
 
 BY_NAME = {m.name: m for m in MUTATIONS}

@@ -257,7 +257,7 @@ def test_cooperative_projection_with_many_programs(D, slice_units, tiles, H, P, 
     assert (launches("fwd", "cooperative") - fwd, launches("bwd", "cooperative") - bwd) == want
 
 
-@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "LSTMP"])
 def test_cooperative_half_precision_partials_cost_no_accuracy(cell, monkeypatch, request):
     """The cooperative backward exchanges each program's partial products in the layer's dtype
     (fp16 here: each a sum of 64 products in fp32, rounded once), summed in fp32. Its gradients'
@@ -272,9 +272,10 @@ def test_cooperative_half_precision_partials_cost_no_accuracy(cell, monkeypatch,
     dispatch.plan.cache_clear()
     request.addfinalizer(dispatch.plan.cache_clear)
     torch.manual_seed(0)
-    m = getattr(fastrnn, cell)(32, 64)
+    m = fastrnn.LSTM(32, 64, proj_size=24) if cell == "LSTMP" else getattr(fastrnn, cell)(32, 64)
     x = torch.randn(8, 4, 32)
-    weights = torch.linspace(-1, 1, 8 * 4 * 64).view(8, 4, 64)
+    out = 24 if cell == "LSTMP" else 64
+    weights = torch.linspace(-1, 1, 8 * 4 * out).view(8, 4, out)
 
     def grads(dtype, strategy):
         mm = copy.deepcopy(m).to(dtype)

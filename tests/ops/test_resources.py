@@ -97,7 +97,10 @@ def _check_cooperative(r, where, arch):
     an H100: products of 32 and 16 rows cannot use wgmma; 117 spill instructions in the loop at
     H = 2047 bf16); before sm_90, the backward whose slice takes more than 64 registers a thread
     even with 8 warps (A100: LSTM/GRU fp16/bf16 at H = 1000, 7-12 instructions; GRU TF32 at
-    H = 511, 4)."""
+    H = 511, 4; LSTM with proj_size bf16/fp16 H = 1000 in both directions, 1).
+
+    With proj_size (``_lstmp_*``, ops/cooperative_proj.py) W_hr's 16-row products are mma.sync
+    beside W_hh's wgmma; the backward's W_hh product has P as its M: wgmma from P = 64."""
     c = r["constexprs"]
     forward = "_fwd_" in r["kernel"]
     proj = r["kernel"].startswith("_lstmp_")   # LSTM with proj_size (ops/cooperative_proj.py)

@@ -38,19 +38,30 @@ ONE_LAUNCH = {
     ("GRU", "tf32"): ((64, 256, 512), (768, 1024)),
     ("GRU", "tf32x3"): ((64, 256, 512), ()),
 }
+# LSTM with proj_size = H / 4 (ops/cooperative_proj.py; H <= 64 persistent): the same, stepwise
+# beyond (fp32 with TF32 off from H = 1536; bidirectional from H = 1536).
+ONE_LAUNCH_PROJ = {
+    "fp16": ((64, 256, 512, 1024), (1536, 2048)),
+    "bf16": ((64, 256, 512, 1024), (1536, 2048)),
+    "tf32": ((64, 256, 512, 1024), (1536, 2048)),
+    "tf32x3": ((64, 256, 512, 1024), ()),
+}
 DTYPES = {"fp16": (torch.float16, "ieee"), "bf16": (torch.bfloat16, "ieee"),
           "tf32": (torch.float32, "tf32"), "tf32x3": (torch.float32, "tf32x3")}
 
 
-@pytest.mark.parametrize("cell,dtype", list(ONE_LAUNCH), ids="-".join)
+@pytest.mark.parametrize("cell,dtype", list(ONE_LAUNCH) + [("LSTMP", d) for d in ONE_LAUNCH_PROJ],
+                         ids="-".join)
 def test_h100_runs_each_layer_in_one_launch(cell, dtype):
     """On the H100 description: one kernel launch per layer for the forward and one for the
     backward (both directions in it), for batches 1 to 256, counted over a 3-layer stack."""
     torch_dtype, precision = DTYPES[dtype]
-    both, one = ONE_LAUNCH[cell, dtype]
+    both, one = ONE_LAUNCH_PROJ[dtype] if cell == "LSTMP" else ONE_LAUNCH[cell, dtype]
     cases = [*itertools.product(both, (1, 2)), *itertools.product(one, (1,))]
     for (H, D), B in itertools.product(cases, (1, 16, 64, 256)):
-        problem = select.Problem(CELLS[cell], B, H, H, D, torch_dtype, precision)
+        P = H // 4 if cell == "LSTMP" else H
+        problem = select.Problem(CELLS.get(cell, _modes.LSTM), B, H, P, D, torch_dtype,
+                                 precision)
         rows = explain_problem(problem, H100, T=100, layers=3, compiled=False)
         assert [(r["launches_forward"], r["launches_backward"]) for r in rows] == [(1, 1)] * 3, \
             (H, B, D, rows[0]["strategy"], rows[0]["other_strategies"])
@@ -58,17 +69,18 @@ def test_h100_runs_each_layer_in_one_launch(cell, dtype):
 
 
 def test_cooperative_plans_stay_within_the_gpu():
-    for gpu, cell, H, B, D in itertools.product(select.GPUS, CELLS, (64, 256, 512, 1024),
-                                                (1, 16, 256), (1, 2)):
+    for gpu, cell, H, B, D in itertools.product(select.GPUS, [*CELLS, "LSTMP"],
+                                                (64, 256, 512, 1024), (1, 16, 256), (1, 2)):
         spec = select.GPUS[gpu]
-        problem = select.Problem(CELLS[cell], B, H, H, D, torch.float16)
+        P = H // 4 if cell == "LSTMP" else H
+        problem = select.Problem(CELLS.get(cell, _modes.LSTM), B, H, P, D, torch.float16)
         try:
             plan = dispatch.plan(problem, spec, "cooperative")
         except RuntimeError:
             continue
         nj, nbt, d = plan.grid
         assert nj * nbt * d <= spec.sm_count
-        cfg = plan.config("_recurrence_fwd_coop_kernel")
+        cfg = plan.kernels[0]
         assert cfg.shared_bytes <= spec.smem_per_block
         assert nbt * cfg.block_b >= B and cfg.block_h * nj >= H
 
@@ -303,16 +315,19 @@ def test_compiling_for_a_gpu_compiles_the_cooperative_kernels_as_launched():
     (SYNC=True), one launch for the sequence, and the cooperative launch option where this
     Triton has it."""
     launched = []
-    problem = select.Problem(_modes.GRU, 4, 256, 256, 1, torch.float16)
     with select.targeting(H100), select.launching_with(
             lambda kernel, grid, kwargs: launched.append((select.kernel_name(kernel), kwargs))):
-        the_plan = dispatch.plan(problem, H100, "cooperative")
-        assert the_plan.grid[0] > 1  # several programs per group: a barrier to compile
-        fwd, bwd = _stepwise_args(problem, T=3)
-        cooperative.forward(fwd, the_plan)
-        cooperative.backward(bwd, the_plan)
+        for P in (256, 64):  # GRU; LSTM with proj_size (its own module, two barriers a step)
+            mode = _modes.GRU if P == 256 else _modes.LSTM
+            problem = select.Problem(mode, 4, 256, P, 1, torch.float16)
+            the_plan = dispatch.plan(problem, H100, "cooperative")
+            assert the_plan.grid[0] > 1  # several programs per group: a barrier to compile
+            fwd, bwd = _stepwise_args(problem, T=3)
+            dispatch.launch("cooperative", "fwd", fwd, the_plan)
+            dispatch.launch("cooperative", "bwd", bwd, the_plan)
     assert [name for name, _ in launched] == ["_recurrence_fwd_coop_kernel",
-                                              "_recurrence_bwd_coop_kernel"]
+                                              "_recurrence_bwd_coop_kernel",
+                                              "_lstmp_fwd_coop_kernel", "_lstmp_bwd_coop_kernel"]
     for _, kwargs in launched:
         assert kwargs["SYNC"] is True
         assert kwargs.get("launch_cooperative_grid", False) == \
@@ -339,8 +354,12 @@ def test_ops_imports_flow_one_way():
         return found
 
     strategies = set(dispatch.STRATEGIES)
+    modules = {name: {m.__name__.rsplit(".", 1)[1] for m in ms}
+               for name, ms in dispatch.STRATEGIES.items()}
     assert not imports("select") & (strategies | {"dispatch", "recurrence", "resources"})
-    for name in strategies:
-        assert not imports(name) & ((strategies - {name}) | {"dispatch", "recurrence"}), name
+    for name, own in modules.items():
+        others = set().union(*(m for n, m in modules.items() if n != name))
+        for module in own:  # a strategy's modules may share code; no other strategy's
+            assert not imports(module) & (others | {"dispatch", "recurrence"}), module
     assert strategies <= imports("dispatch")
     assert "dispatch" not in imports("select")
