@@ -173,6 +173,21 @@ def entering_reset(rs_ptr, stride_rt, stride_rb, s, i_d, T, o_b, m_b):
 
 
 @triton.jit
+def collect_at_reset(p, g, m, start, last):
+    """The gradient ``g`` of the state entering a step, where an episode starts (``start``):
+    the initial state's, added to what collects at ``p`` (a buffer the program alone touches),
+    and zero onwards; at ``last`` (the backward's final step, the initial state itself) ``g``
+    plus all that collected."""
+    collected = tl.load(p, mask=m, other=0.0)
+    if last:
+        g = g + collected
+    else:
+        tl.store(p, collected + tl.where(start, g, 0.0), mask=m)
+        g = tl.where(start, 0.0, g)
+    return g
+
+
+@triton.jit
 def zone_factor(p, offsets, m, zf_ptr, k, Z: tl.constexpr):
     """Zoneout's keep factor d for a tile (``zoneout``): the step's 0/1 mask at ``p + offsets``
     (Z == 1, training) or the probability itself, ``zf_ptr[k]`` in the accumulation dtype

@@ -46,10 +46,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._jit import (LSTM, GRU, cell_backward, cell_forward, clamp_grad, entering_reset,
-                   load_gate_tiles, load_gates, lstm_new_cell, next_time, positive,
-                   prev_time, save_gates, split_gates, stack_gates, step_time, store_gates,
-                   zone_mix, zone_split)
+from ._jit import (LSTM, GRU, cell_backward, cell_forward, clamp_grad, collect_at_reset,
+                   entering_reset, load_gate_tiles, load_gates, lstm_new_cell, next_time,
+                   positive, prev_time, save_gates, split_gates, stack_gates, step_time,
+                   store_gates, zone_mix, zone_split)
 from .args import BackwardArgs, ForwardArgs, acc_dtype
 from .select import (DeviceSpec, DoesNotFit, KernelConfig, Plan, Problem, block, describe,
                      fast_activations, launch_kernel, operand_copies)
@@ -180,6 +180,26 @@ def _tile_partial(a, b, dga, dgb, GP: tl.constexpr, PRECISION: tl.constexpr):
     if GP == 3:
         p = tl.dot(tl.trans(b), dgb, p, input_precision=PRECISION)
     return p
+
+
+@triton.jit
+def _cell_states(cell_ptr, c0_ptr, dcell_ptr, zc_ptr, zf_ptr, p_row, p_row_prev, state, o_u, m_un,
+                 has_prev, dc, s0, s1, s2, H, ACC: tl.constexpr, HAS_DCELL: tl.constexpr,
+                 ZC: tl.constexpr):
+    """An LSTM backward step's cell states for the own units: (c_t as the cell formed it,
+    c_prev (the initial one where the step began from it), dc plus the step's own cell-state
+    gradient (``return_states``), the part of dc that zoneout sends straight to c_prev)."""
+    if HAS_DCELL:
+        dc += tl.load(dcell_ptr + p_row * H + o_u[:, None], mask=m_un, other=0.0).to(ACC)
+    c_t = tl.load(cell_ptr + p_row * H + o_u[:, None], mask=m_un, other=0.0).to(ACC)
+    c_prev = tl.where(has_prev, tl.load(cell_ptr + p_row_prev * H + o_u[:, None],
+                                        mask=m_un & has_prev, other=0.0).to(ACC),
+                      tl.load(c0_ptr + state, mask=m_un, other=0.0).to(ACC))
+    dc_zone = dc * 0.0
+    if ZC != 0:  # the saved c_t is zoned: the cell's own c~ = f c_prev + i g
+        dc, dc_zone = zone_split(dc, zc_ptr, p_row * H + o_u[:, None], m_un, zf_ptr, 1, ZC)
+        c_t = lstm_new_cell(s0, s1, s2, c_prev)
+    return c_t, c_prev, dc, dc_zone
 
 
 @triton.jit
@@ -465,20 +485,9 @@ def _recurrence_bwd_coop_kernel(
             if HAS_RESETS:
                 start = entering_reset(rs_ptr, stride_rt, stride_rb, T - k, i_d, T, o_n,
                                        m_n)[None, :] > 0
-                dh0_acc = tl.load(d0buf_ptr + state, mask=m_un, other=0.0)
-                if last:
-                    dh = dh + dh0_acc
-                else:
-                    tl.store(d0buf_ptr + state, dh0_acc + tl.where(start, dh, 0.0), mask=m_un)
-                    dh = tl.where(start, 0.0, dh)
+                dh = collect_at_reset(d0buf_ptr + state, dh, m_un, start, last)
                 if CELL == LSTM:
-                    dc0_acc = tl.load(d0buf_ptr + D * B * H + state, mask=m_un, other=0.0)
-                    if last:
-                        dc = dc + dc0_acc
-                    else:
-                        tl.store(d0buf_ptr + D * B * H + state,
-                                 dc0_acc + tl.where(start, dc, 0.0), mask=m_un)
-                        dc = tl.where(start, 0.0, dc)
+                    dc = collect_at_reset(d0buf_ptr + D * B * H + state, dc, m_un, start, last)
             if last:
                 tl.store(dh0_ptr + state, dh.to(dh0_ptr.dtype.element_ty), mask=m_un)
                 if CELL == LSTM:
@@ -505,18 +514,9 @@ def _recurrence_bwd_coop_kernel(
                 h_prev = dh
                 h_t = dh
                 if CELL == LSTM:
-                    if HAS_DCELL:  # return_states: the gradient of this step's cell state
-                        dc += tl.load(dcell_ptr + p_row * H + o_u[:, None], mask=m_un,
-                                      other=0.0).to(ACC)
-                    c_t = tl.load(cell_ptr + p_row * H + o_u[:, None], mask=m_un,
-                                  other=0.0).to(ACC)
-                    c_prev = tl.where(has_prev, tl.load(cell_ptr + p_row_prev * H + o_u[:, None],
-                                                        mask=m_un & has_prev, other=0.0).to(ACC),
-                                      tl.load(c0_ptr + state, mask=m_un, other=0.0).to(ACC))
-                    if ZC != 0:  # the saved c_t is zoned: the cell's own c~ = f c_prev + i g
-                        dc, dc_zone = zone_split(dc, zc_ptr, p_row * H + o_u[:, None], m_un,
-                                                 zf_ptr, 1, ZC)
-                        c_t = lstm_new_cell(s0, s1, s2, c_prev)
+                    c_t, c_prev, dc, dc_zone = _cell_states(
+                        cell_ptr, c0_ptr, dcell_ptr, zc_ptr, zf_ptr, p_row, p_row_prev, state,
+                        o_u, m_un, has_prev, dc, s0, s1, s2, H, ACC, HAS_DCELL, ZC)
                 elif CELL == GRU:
                     h_prev = tl.where(has_prev, tl.load(
                         y_ptr + t_prev * stride_yt + on64[None, :] * stride_yb + i_d * H

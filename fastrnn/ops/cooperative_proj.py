@@ -13,9 +13,9 @@ Forward step s:
 
 A. every program: ``W_j h_{t-1}`` (K = P, h read from L2), the cell of its units, their
    ``r = o * tanh(c)`` to L2. Barrier.
-B. owners of state rows: ``h_t[rows] = W_hr[rows] r`` (K = H; W_hr's rows resident, a
-   [BLOCK_H, H] tile: mma.sync), zoneout and lengths in the state's space, y and h to L2.
-   Barrier.
+B. owners of state rows: ``h_t[rows] = W_hr[rows] r`` (K = H; W_hr's [BLOCK_H, H] rows
+   streamed, ``_streamed_product``: mma.sync), zoneout and lengths in the state's space, y and
+   h to L2. Barrier.
 
 Backward step k (forward step s = T-1-k):
 
@@ -23,7 +23,7 @@ Backward step k (forward step s = T-1-k):
    partial product of the step before (a reduce-scatter, as the plain cooperative backward);
    clipping, resets and zoneout in the state's space; dh to L2 (and to ``dhp`` for dW_hr).
    Barrier.
-2. every program: ``dr[own] = W_hr[:, own]^T dh`` (W_hr's columns of its units resident, K = P),
+2. every program: ``dr[own] = W_hr[:, own]^T dh`` (W_hr's columns of its units streamed, K = P),
    the cell's backward, its gate gradients dG_j and its partial product ``W_j^T dG_j`` [P, N]
    for every state row. Barrier.
 
@@ -39,15 +39,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._jit import (LSTM, cell_backward, cell_forward, clamp_grad, entering_reset,
-                   load_gate_tiles, load_gates, lstm_new_cell, next_time, positive, prev_time,
-                   save_gates, split_gates, stack_gates, step_time, store_gates, zone_mix,
-                   zone_split)
+from ._jit import (LSTM, cell_backward, cell_forward, clamp_grad, collect_at_reset,
+                   entering_reset, load_gate_tiles, load_gates, next_time,
+                   positive, prev_time, save_gates, split_gates, stack_gates, step_time,
+                   store_gates, zone_mix, zone_split)
 from . import cooperative
 from .args import BackwardArgs, ForwardArgs, acc_dtype
-from .cooperative import (BLOCK_N, FLAG_STRIDE, _LENGTHS, _await, _group, _launch_options,
-                          _launch_state, _program, _publish, _slice_tiles, _state_tile,
-                          _tile_partial, _tile_product, _watch, check_errors, column_tiles)
+from .cooperative import (BLOCK_N, FLAG_STRIDE, _LENGTHS, _await, _cell_states, _group,
+                          _launch_options, _launch_state, _program, _publish, _slice_tiles,
+                          _state_tile, _tile_partial, _tile_product, _watch, check_errors,
+                          column_tiles)
 from .select import (DeviceSpec, DoesNotFit, KernelConfig, Plan, Problem, block, launch_kernel,
                      operand_copies)
 
@@ -83,7 +84,7 @@ def _product(w0, w1, w2, w3, src_ptr, rows, rm_ptr, o_c, m_n, K, KC: tl.constexp
              PRECISION: tl.constexpr):
     """``W x`` for a batch chunk: resident tiles w0..w3 [M, KC] (NKC of them) times the chunk's
     K values read from L2 at ``src_ptr + rows`` (masked by the recurrent dropout mask at
-    ``rm_ptr + rows``), a column tile at a time; [M, N] in fp32."""
+    ``rm_ptr + rows``), a column tile at a time; [M, N] (fp32; fp64 for fp64 layers)."""
     x = _state_tile(src_ptr, rows, rm_ptr, rows, o_c, m_n, K, HAS_RMASK, W_DTYPE)
     acc, _ = _tile_product(w0, w0, x, None, None, 1, PRECISION)
     if NKC >= 2:
@@ -198,7 +199,8 @@ def _lstmp_fwd_coop_kernel(
                                           (i_d * B + on64)[None, :] * H, m_n, H, DR_K, W_DTYPE,
                                           ACC, PRECISION).to(ACC)
                 state = (i_d * B + on64)[None, :] * P + o_u[:, None]   # own state rows
-                h_prev = tl.load(hbuf_ptr + state, mask=m_pn, other=0.0).to(ACC)
+                h_prev = tl.load(hbuf_ptr + state, mask=m_pn, other=0.0,
+                                 cache_modifier=".cg").to(ACC)
                 p_row = (t64 * B + on64)[None, :] * D + i_d
                 if ZH != 0:
                     h_new = zone_mix(h_new, h_prev, zh_ptr, p_row * P + o_u[:, None], m_pn,
@@ -309,13 +311,8 @@ def _lstmp_bwd_coop_kernel(
                     if HAS_RESETS:
                         start = entering_reset(rs_ptr, stride_rt, stride_rb, T - k, i_d, T, o_n,
                                                m_n)[None, :] > 0
-                        p_d0 = d0buf_ptr + (i_d * B + on64)[None, :] * (P + H) + o_u[:, None]
-                        dh0_acc = tl.load(p_d0, mask=m_pn, other=0.0)
-                        if last:
-                            dh = dh + dh0_acc
-                        else:
-                            tl.store(p_d0, dh0_acc + tl.where(start, dh, 0.0), mask=m_pn)
-                            dh = tl.where(start, 0.0, dh)
+                        dh = collect_at_reset(d0buf_ptr + (i_d * B + on64)[None, :] * (P + H)
+                                              + o_u[:, None], dh, m_pn, start, last)
                     if last:
                         tl.store(dh0_ptr + state, dh.to(dh0_ptr.dtype.element_ty), mask=m_pn)
                     else:
@@ -352,13 +349,8 @@ def _lstmp_bwd_coop_kernel(
                 if HAS_RESETS:
                     start = entering_reset(rs_ptr, stride_rt, stride_rb, T - k, i_d, T, o_n,
                                            m_n)[None, :] > 0
-                    p_d0 = d0buf_ptr + (i_d * B + on64)[None, :] * (P + H) + P + o_u[:, None]
-                    dc0_acc = tl.load(p_d0, mask=m_un, other=0.0)
-                    if last:
-                        dc = dc + dc0_acc
-                    else:
-                        tl.store(p_d0, dc0_acc + tl.where(start, dc, 0.0), mask=m_un)
-                        dc = tl.where(start, 0.0, dc)
+                    dc = collect_at_reset(d0buf_ptr + (i_d * B + on64)[None, :] * (P + H) + P
+                                          + o_u[:, None], dc, m_un, start, last)
                 if last:
                     tl.store(dc0_ptr + state, dc.to(dc0_ptr.dtype.element_ty), mask=m_un)
                 else:
@@ -373,18 +365,9 @@ def _lstmp_bwd_coop_kernel(
                     p_row_prev = (t_prev * B + on64)[None, :] * D + i_d
                     s0, s1, s2, s3 = load_gates(gates_ptr + p_row * (4 * H) + o_u[:, None], m_un,
                                                 H, ACC)
-                    if HAS_DCELL:  # return_states: the gradient of this step's cell state
-                        dc += tl.load(dcell_ptr + p_row * H + o_u[:, None], mask=m_un,
-                                      other=0.0).to(ACC)
-                    c_t = tl.load(cell_ptr + p_row * H + o_u[:, None], mask=m_un,
-                                  other=0.0).to(ACC)
-                    c_prev = tl.where(has_prev, tl.load(cell_ptr + p_row_prev * H + o_u[:, None],
-                                                        mask=m_un & has_prev, other=0.0).to(ACC),
-                                      tl.load(c0_ptr + state, mask=m_un, other=0.0).to(ACC))
-                    if ZC != 0:  # the saved c_t is zoned: the cell's own c~ = f c_prev + i g
-                        dc, dc_zone = zone_split(dc, zc_ptr, p_row * H + o_u[:, None], m_un,
-                                                 zf_ptr, 1, ZC)
-                        c_t = lstm_new_cell(s0, s1, s2, c_prev)
+                    c_t, c_prev, dc, dc_zone = _cell_states(
+                        cell_ptr, c0_ptr, dcell_ptr, zc_ptr, zf_ptr, p_row, p_row_prev, state,
+                        o_u, m_un, has_prev, dc, s0, s1, s2, H, ACC, HAS_DCELL, ZC)
                     if HAS_LENGTHS:
                         act = (t < tl.load(len_ptr + o_n, mask=m_n, other=0))[None, :] & m_un
                     else:
