@@ -183,6 +183,16 @@ def _tile_partial(a, b, dga, dgb, GP: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _taking_step(len_ptr, t, o_n, m_n, HAS_LENGTHS: tl.constexpr):
+    """[1, N]: the batch chunk's rows that take the step at time ``t`` (within their length,
+    packed input; every real row otherwise)."""
+    act = m_n[None, :]
+    if HAS_LENGTHS:
+        act = (t < tl.load(len_ptr + o_n, mask=m_n, other=0))[None, :]
+    return act
+
+
+@triton.jit
 def _cell_states(cell_ptr, c0_ptr, dcell_ptr, zc_ptr, zf_ptr, p_row, p_row_prev, state, o_u, m_un,
                  has_prev, dc, s0, s1, s2, H, ACC: tl.constexpr, HAS_DCELL: tl.constexpr,
                  ZC: tl.constexpr):
@@ -346,10 +356,7 @@ def _recurrence_fwd_coop_kernel(
                 x0, x1, x2, x3 = load_gate_tiles(p_x, m_un, H, G)
             h_new, c_new, s0, s1, s2, s3 = cell_forward(x0, x1, x2, x3, q0, q1, q2, q3, h_prev,
                                                         c_prev, b_bhn, CELL, HAS_BHN, ACC, FAST)
-            if HAS_LENGTHS:
-                act = (t < tl.load(len_ptr + o_n, mask=m_n, other=0))[None, :]
-            else:
-                act = m_n[None, :]
+            act = _taking_step(len_ptr, t, o_n, m_n, HAS_LENGTHS)
             p_row = (t64 * B + on64)[None, :] * D + i_d  # row of the saved-activation tensors
             if ZH != 0:  # zoneout: keep the previous state with factor d_h
                 if SAVE and CELL != LSTM and CELL != GRU:  # an RNN's backward needs the new h
@@ -528,10 +535,7 @@ def _recurrence_bwd_coop_kernel(
                 else:
                     h_t = tl.load(y_ptr + t64 * stride_yt + on64[None, :] * stride_yb + i_d * H
                                   + o_u[:, None], mask=m_un, other=0.0).to(ACC)
-                if HAS_LENGTHS:
-                    act = (t < tl.load(len_ptr + o_n, mask=m_n, other=0))[None, :] & m_un
-                else:
-                    act = m_un
+                act = _taking_step(len_ptr, t, o_n, m_n, HAS_LENGTHS) & m_un
                 g0, g1, g2, g3, gh2, dh_keep, dc_prev = cell_backward(
                     dh, dc, s0, s1, s2, s3, c_t, c_prev, h_prev, h_t, act, CELL, FAST)
                 if ZH != 0:
@@ -766,6 +770,11 @@ def _steps(T: int, stepped: bool, finish: bool = False):
     return [(k, k) for k in range(last + 1)]
 
 
+def block_j(nj: int) -> int:
+    """BLOCK_J, the barrier's flag tile: NJ flags, a power of two, at least 2."""
+    return max(2, triton.next_power_of_2(nj))
+
+
 def phases(total: int, stepped: bool):
     """[begin, end) ranges of a kernel's phases (several per step: barriers between them): all
     in one launch, or one per launch (stepped, under the interpreter)."""
@@ -811,7 +820,7 @@ def forward(a: ForwardArgs, the_plan: Plan) -> None:
             BT=cfg.block_b, CELL=a.mode, G=a.G, GP=cfg.gates, NSAVE=a.NSAVE,
             SAVE=a.save, ACC=a.ACC, PRECISION=a.precision,
             BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, BLOCK_N=BLOCK_N,
-            BLOCK_J=max(2, triton.next_power_of_2(nj)), NKC=cfg.column_tiles, SYNC=on_gpu,
+            BLOCK_J=block_j(nj), NKC=cfg.column_tiles, SYNC=on_gpu,
             **_launch_options(cfg, on_gpu))
     # The final states: the last slot written (rows past their length carried theirs).
     a.hn.copy_(hbuf[a.T % 2])
@@ -835,7 +844,7 @@ def backward(b: BackwardArgs, the_plan: Plan) -> None:
     dcbuf = b.dcn.to(acc).contiguous().clone() if b.is_lstm else None
     d0buf = torch.zeros(2, b.D, b.B, b.H, device=device, dtype=acc) if b.resets is not None \
         else None
-    block_j = max(2, triton.next_power_of_2(nj))
+    nj_tile = block_j(nj)
     for k_begin, k_end in _steps(b.T, stepped, finish=True):
         launch_kernel(
             _recurrence_bwd_coop_kernel, (nj, nbt, b.D),
@@ -851,7 +860,7 @@ def backward(b: BackwardArgs, the_plan: Plan) -> None:
             k_begin=k_begin, k_end=k_end, T=b.T, B=b.B, H=b.H,
             BT=cfg.block_b, CELL=b.mode, G=b.G, GP=cfg.gates, NSAVE=b.NSAVE, ACC=b.ACC,
             PRECISION=b.precision, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, BLOCK_N=BLOCK_N,
-            BLOCK_J=block_j, NKC=cfg.column_tiles, JSUM=min(JSUM, block_j),
+            BLOCK_J=nj_tile, NKC=cfg.column_tiles, JSUM=min(JSUM, nj_tile),
             SYNC=on_gpu,
             **_launch_options(cfg, on_gpu))
     _watch(err, "backward")

@@ -47,8 +47,8 @@ from . import cooperative
 from .args import BackwardArgs, ForwardArgs, acc_dtype
 from .cooperative import (BLOCK_N, FLAG_STRIDE, _LENGTHS, _await, _cell_states, _group,
                           _launch_options, _launch_state, _program, _publish, _slice_tiles,
-                          _state_tile, _tile_partial, _tile_product, _watch, check_errors,
-                          column_tiles)
+                          _state_tile, _taking_step, _tile_partial, _tile_product, _watch,
+                          block_j, check_errors, column_tiles)
 from .select import (DeviceSpec, DoesNotFit, KernelConfig, Plan, Problem, block, launch_kernel,
                      operand_copies)
 
@@ -164,10 +164,7 @@ def _lstmp_fwd_coop_kernel(
                     x0, x1, x2, x3 = load_gate_tiles(p_x, m_un, H, 4)
                 r, c_new, s0, s1, s2, s3 = cell_forward(x0, x1, x2, x3, q0, q1, q2, q3, c_prev,
                                                         c_prev, 0.0, LSTM, False, ACC, FAST)
-                if HAS_LENGTHS:
-                    act = (t < tl.load(len_ptr + o_n, mask=m_n, other=0))[None, :]
-                else:
-                    act = m_n[None, :]
+                act = _taking_step(len_ptr, t, o_n, m_n, HAS_LENGTHS)
                 p_row = (t64 * B + on64)[None, :] * D + i_d  # row of the saved activations
                 if SAVE:
                     save_gates(gates_ptr + p_row * (4 * H) + o_u[:, None], s0, s1, s2, s3, m_un,
@@ -205,10 +202,7 @@ def _lstmp_fwd_coop_kernel(
                 if ZH != 0:
                     h_new = zone_mix(h_new, h_prev, zh_ptr, p_row * P + o_u[:, None], m_pn,
                                      zf_ptr, 0, ZH)
-                if HAS_LENGTHS:
-                    act = (t < tl.load(len_ptr + o_n, mask=m_n, other=0))[None, :]
-                else:
-                    act = m_n[None, :]
+                act = _taking_step(len_ptr, t, o_n, m_n, HAS_LENGTHS)
                 # The state is stored, and carried, at the precision of the layer's dtype.
                 h_new = tl.where(act, h_new.to(Y_DTYPE).to(ACC), h_prev)
                 tl.store(y_ptr + t64 * stride_yt + on64[None, :] * stride_yb + i_d * P
@@ -323,10 +317,7 @@ def _lstmp_bwd_coop_kernel(
                         if ZH != 0:  # zoneout: d_h * dh to the state before
                             dh, dh_zone = zone_split(dh, zh_ptr, p_row * P + o_u[:, None], m_pn,
                                                      zf_ptr, 0, ZH)
-                        if HAS_LENGTHS:
-                            act = (t < tl.load(len_ptr + o_n, mask=m_n, other=0))[None, :]
-                        else:
-                            act = m_n[None, :]
+                        act = _taking_step(len_ptr, t, o_n, m_n, HAS_LENGTHS)
                         tl.store(dhp_ptr + p_row * P + o_u[:, None],
                                  tl.where(act, dh, 0.0).to(dhp_ptr.dtype.element_ty), mask=m_pn)
                         tl.store(dxbuf_ptr + state, tl.where(m_pn, dh, 0.0).to(W_DTYPE),
@@ -368,10 +359,7 @@ def _lstmp_bwd_coop_kernel(
                     c_t, c_prev, dc, dc_zone = _cell_states(
                         cell_ptr, c0_ptr, dcell_ptr, zc_ptr, zf_ptr, p_row, p_row_prev, state,
                         o_u, m_un, has_prev, dc, s0, s1, s2, H, ACC, HAS_DCELL, ZC)
-                    if HAS_LENGTHS:
-                        act = (t < tl.load(len_ptr + o_n, mask=m_n, other=0))[None, :] & m_un
-                    else:
-                        act = m_un
+                    act = _taking_step(len_ptr, t, o_n, m_n, HAS_LENGTHS) & m_un
                     g0, g1, g2, g3, _gh2, _keep, dc_prev = cell_backward(
                         dr, dc, s0, s1, s2, s3, c_t, c_prev, dr, dr, act, LSTM, FAST)
                     if ZC != 0:
@@ -501,7 +489,7 @@ def forward(a: ForwardArgs, the_plan: Plan) -> None:
             flags_ptr=flags, err_ptr=err, wait_ns=wait, q_begin=q_begin, q_end=q_end, T=a.T,
             B=a.B, H=a.H, P=a.P, BT=cfg.block_b, SAVE=a.save, ACC=a.ACC,
             PRECISION=a.precision, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
-            BLOCK_N=BLOCK_N, BLOCK_J=max(2, triton.next_power_of_2(nj)),
+            BLOCK_N=BLOCK_N, BLOCK_J=block_j(nj),
             NKC=cfg.column_tiles, DR_K=DR_K, SYNC=on_gpu,
             **_launch_options(cfg, on_gpu))
     a.hn.copy_(hbuf)
@@ -523,7 +511,7 @@ def backward(b: BackwardArgs, the_plan: Plan) -> None:
     dcbuf = b.dcn.to(acc).contiguous().clone()
     d0buf = torch.zeros(b.D, b.B, b.P + b.H, device=device, dtype=acc) \
         if b.resets is not None else None
-    block_j = max(2, triton.next_power_of_2(nj))
+    nj_tile = block_j(nj)
     for q_begin, q_end in cooperative.phases(2 * (b.T + 1), stepped):
         launch_kernel(
             _lstmp_bwd_coop_kernel, (nj, nbt, b.D),
@@ -535,7 +523,7 @@ def backward(b: BackwardArgs, the_plan: Plan) -> None:
             flags_ptr=flags, err_ptr=err, wait_ns=wait, clip=b.clip,
             q_begin=q_begin, q_end=q_end, T=b.T, B=b.B, H=b.H, P=b.P, BT=cfg.block_b,
             ACC=b.ACC, PRECISION=b.precision, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
-            BLOCK_N=BLOCK_N, BLOCK_J=block_j, NKC=cfg.column_tiles,
-            JSUM=min(cooperative.JSUM, block_j), DR_K=DR_K, SYNC=on_gpu,
+            BLOCK_N=BLOCK_N, BLOCK_J=nj_tile, NKC=cfg.column_tiles,
+            JSUM=min(cooperative.JSUM, nj_tile), DR_K=DR_K, SYNC=on_gpu,
             **_launch_options(cfg, on_gpu))
     _watch(err, "backward")

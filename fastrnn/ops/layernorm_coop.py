@@ -51,7 +51,8 @@ from ._jit import (LSTM, act_sigmoid, act_tanh, gru_bwd_pointwise, gru_fwd_point
 from .args import acc_dtype
 from . import cooperative
 from .cooperative import (BLOCK_N, FLAG_STRIDE, _await, _group, _launch_state, _launch_options,
-                          _own_columns, _own_rows, _program, _publish, _watch, check_errors)
+                          _own_columns, _own_rows, _program, _publish, _taking_step, _watch,
+                          block_j, check_errors)
 from .select import (DeviceSpec, DoesNotFit, KernelConfig, Plan, Problem, fast_activations,
                      launch_kernel)
 
@@ -270,10 +271,7 @@ def _ln_fwd_coop_kernel(
                 x0, x1, x2, x3 = load_gate_tiles(xg_ptr + t64 * stride_xt
                                                  + on64[None, :] * stride_xb + i_d * GH
                                                  + o_u[:, None], m_un, H, G)
-                if HAS_LENGTHS:
-                    act = (t < tl.load(len_ptr + o_n, mask=m_n, other=0))[None, :]
-                else:
-                    act = m_n[None, :]
+                act = _taking_step(len_ptr, t, o_n, m_n, HAS_LENGTHS)
                 own = rows[None, :] * H + o_u[:, None]
                 p_save = gates_ptr + p_row[None, :] * (NSAVE * H) + o_u[:, None]
                 if CELL == LSTM:
@@ -378,10 +376,7 @@ def _ln_bwd_coop_kernel(
             m_un = m_u[:, None] & m_n[None, :]
             own = rows[None, :] * H + o_u[:, None]
             p_row = (t64 * B + on64) * D + i_d
-            if HAS_LENGTHS:
-                act = (t < tl.load(len_ptr + o_n, mask=m_n, other=0))[None, :] & m_un
-            else:
-                act = m_un
+            act = _taking_step(len_ptr, t, o_n, m_n, HAS_LENGTHS) & m_un
             has_prev = positive(s, o_n)[None, :]
             c_mean = tl.load(stats_ptr + p_row * 4 + 1, mask=m_n, other=0.0)[None, :]
             c_rstd = tl.load(stats_ptr + p_row * 4 + 2, mask=m_n, other=0.0)[None, :]
@@ -583,10 +578,6 @@ def plan(problem: Problem, spec: DeviceSpec) -> Plan:
                 launches_fixed=fixed)
 
 
-def _block_j(nj: int) -> int:
-    return max(2, triton.next_power_of_2(nj))
-
-
 def forward(a, the_plan: Plan) -> None:
     """``a``: ``LayerNormArgs`` (ops/recurrence_ln.py)."""
     check_errors()
@@ -614,7 +605,7 @@ def forward(a, the_plan: Plan) -> None:
             u_begin=u_begin, u_end=u_end, T=a.T, B=a.B, H=a.H, BT=cfg.block_b,
             CELL=a.mode, G=G, GP=4 if G == 3 else G, NSAVE=a.NSAVE, SAVE=a.save, ACC=a.ACC,
             PRECISION=a.precision, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
-            BLOCK_N=BLOCK_N, BLOCK_J=_block_j(nj), SYNC=on_gpu,
+            BLOCK_N=BLOCK_N, BLOCK_J=block_j(nj), SYNC=on_gpu,
             **_launch_options(cfg, on_gpu))
     _watch(err, "LayerNorm forward")
 
@@ -649,5 +640,5 @@ def backward(b, the_plan: Plan) -> None:
             u_begin=u_begin, u_end=u_end, T=b.T, B=b.B, H=b.H, BT=cfg.block_b,
             CELL=b.mode, G=G, NSAVE=b.NSAVE, ACC=b.ACC, PRECISION=b.precision,
             BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, BLOCK_N=BLOCK_N,
-            BLOCK_J=_block_j(nj), SYNC=on_gpu, **_launch_options(cfg, on_gpu))
+            BLOCK_J=block_j(nj), SYNC=on_gpu, **_launch_options(cfg, on_gpu))
     _watch(err, "LayerNorm backward")
